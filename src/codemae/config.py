@@ -1,0 +1,247 @@
+"""Typed config schema, YAML loading, dotted command-line overrides and validation.
+
+A config is a tree of dataclasses. YAML files and ``key.sub=value`` overrides are
+merged into plain dicts first, then converted into the dataclasses in one pass that
+checks every key and value; the first problem raises :class:`ConfigError` naming
+the dotted key. Configs are data only: nothing is imported or instantiated from
+strings in them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from codemae.errors import ConfigError
+
+SourceKind = Literal["paired", "opt", "sar", "synthetic"]
+
+
+@dataclass
+class ScalingConfig:
+    """How raw pixel values of one modality map to [0, 1].
+
+    ``auto``: 8-bit integers / 255, 16-bit integers / ``max_value``, floats as-is.
+    ``db``: float decibels clipped to ``db_range`` and rescaled.
+    ``linear``: decibels converted to linear power, clipped at ``max_value``, rescaled.
+    """
+
+    mode: Literal["auto", "db", "linear"] = "auto"
+    db_range: list[float] = field(default_factory=lambda: [-25.0, 0.0])
+    max_value: float = 10000.0
+
+
+@dataclass
+class SyntheticConfig:
+    """Knobs of the generated paired scenes (see :mod:`codemae.data.synthetic`)."""
+
+    num_scenes: int = 512
+    image_size: int = 128
+    speckle_looks: float = 4.0
+    marking_density: float = 0.5
+    cloud_cover: float = 0.0
+    misregistration: int = 0
+
+
+@dataclass
+class SourceConfig:
+    """One data source: a folder of pairs, of single-modality images, or generated scenes."""
+
+    name: str = ""
+    kind: SourceKind = "paired"
+    root: str = ""
+    split: Optional[str] = None
+    split_csv: Optional[str] = None
+    stats: str = "auto"
+    seed: int = 0
+    opt_scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    sar_scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    batch_size: int = 32
+    num_workers: int = 2
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
+    hflip: bool = True
+    stats_samples: int = 256
+
+
+@dataclass
+class ModelConfig:
+    """Backbone: a preset name plus optional overrides of its widths and depths."""
+
+    backbone: str = "hivit_tiny"
+    img_size: int = 224
+    patch_size: int = 16
+    opt_channels: int = 3
+    sar_channels: int = 1
+    drop_path: float = 0.0
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    pyramid_dim: Optional[int] = None
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["mae"] = "mae"
+    mask_ratio: float = 0.75
+    masking: Literal["consistent", "independent"] = "consistent"
+    decoder: Literal["shared", "independent"] = "shared"
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 800
+    max_steps: Optional[int] = None
+    warmup_epochs: float = 15.0
+    base_lr: float = 1.5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    accum_steps: int = 1
+    clip_grad: Optional[float] = None
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    ckpt_every: int = 500
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(Config, raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (``1e-4``, ``[1, 2]``).
+
+    A numeric path component indexes a list (``data.sources.0.root=...``).
+    """
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            node = _list_item(node, part, where)
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"config key '{where}' is not a section")
+    if isinstance(node, list):
+        index = _index(node, parts[-1], key)
+        node[index] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _index(items: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"config key '{where}': no list item {part!r} (the list has {len(items)})")
+    return int(part)
+
+
+def _list_item(items: list, part: str, where: str) -> Any:
+    return items[_index(items, part, where)]
+
+
+def from_dict(cls: type, raw: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``raw``, checking every key and value type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{where or '<root>'}': expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            full = f"{where}.{key}" if where else str(key)
+            raise ConfigError(f"unknown config key '{full}'")
+    kwargs = {key: _convert(hints[key], value, f"{where}.{key}" if where else key) for key, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _convert(inner[0], value, where)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{where}': {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{where}': expected a list, got {value!r}")
+        return [_convert(item_tp, v, f"{where}.{i}") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{where}': expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{where}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{where}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{where}': expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain data (YAML- and checkpoint-safe)."""
+    return dataclasses.asdict(cfg)

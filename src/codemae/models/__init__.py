@@ -1,0 +1,1 @@
+"""Backbones, shared attention blocks and decoders."""

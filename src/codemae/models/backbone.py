@@ -1,0 +1,120 @@
+"""The encoder contract shared by every backbone and every method.
+
+A backbone owns one patch embedding per modality and a trunk shared by all of
+them. Images of several modalities are embedded separately, masked (each with
+its own kept-token indices), concatenated on the batch axis and run through the
+trunk together, then split back per modality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from codemae.models.pos_embed import resize_pos_embed, sincos_2d
+
+MODALITIES = ("opt", "sar")
+
+
+@dataclass
+class EncoderOutput:
+    """What the trunk returns for one modality, at the kept token positions.
+
+    ``tokens``: (B, L, D) final normalised tokens.
+    ``levels``: pyramid features, coarsest first, each (B, L, s*s*C) where ``s`` is
+    the level's sub-patch grid (1, 2, 4); a plain ViT has one level.
+    ``hidden``: outputs of the requested attention blocks, by block index.
+    """
+
+    tokens: Tensor
+    levels: list[Tensor]
+    hidden: dict[int, Tensor] = field(default_factory=dict)
+
+
+def gather_tokens(x: Tensor, ids_keep: Tensor | None) -> Tensor:
+    """Select tokens ``ids_keep`` (B, L) along dim 1 of ``x`` (B, N, ...)."""
+    if ids_keep is None:
+        return x
+    index = ids_keep.reshape(ids_keep.shape + (1,) * (x.ndim - 2)).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, index)
+
+
+class Backbone(nn.Module):
+    """Per-modality patch embeddings + a shared trunk. Subclasses define the trunk."""
+
+    embed_dim: int
+    level_dims: list[int]
+    level_grids: list[int]
+    num_attention_blocks: int
+
+    def __init__(self, img_size: int, patch_size: int, channels: dict[str, int], pos_dim: int) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.channels = dict(channels)
+        self.grid = img_size // patch_size
+        self.pos_embed = nn.Parameter(sincos_2d(pos_dim, self.grid).unsqueeze(0))
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    def embed(self, image: Tensor, modality: str) -> Tensor:
+        """Patch-embed one modality: (B, C, H, W) -> (B, N, ...) tokens in row-major patch order."""
+        raise NotImplementedError
+
+    def trunk(self, tokens: Tensor, ids_keep: Tensor | None, return_blocks: tuple[int, ...] = ()) -> EncoderOutput:
+        """Run the shared layers on embedded tokens, keeping only ``ids_keep``."""
+        raise NotImplementedError
+
+    def pos_for(self, num_tokens: int, ids_keep: Tensor | None, batch: int) -> Tensor:
+        """Position embedding resized to ``num_tokens`` patches and gathered at ``ids_keep``."""
+        pos = resize_pos_embed(self.pos_embed, num_tokens).expand(batch, -1, -1)
+        return gather_tokens(pos, ids_keep)
+
+    def forward(
+        self,
+        images: dict[str, Tensor],
+        ids_keep: dict[str, Tensor | None] | None = None,
+        return_blocks: tuple[int, ...] = (),
+    ) -> dict[str, EncoderOutput]:
+        """Encode each modality present in ``images`` with the shared trunk.
+
+        Modalities whose kept-token counts agree run through the trunk as one batch
+        (optical first), as in the paper; otherwise each runs on its own.
+        """
+        names = [m for m in MODALITIES if images.get(m) is not None]
+        if not names:
+            raise ValueError("no modality to encode: images holds neither 'opt' nor 'sar'")
+        ids_keep = ids_keep or {}
+        embedded = {m: self.embed(images[m], m) for m in names}
+        keeps = {m: ids_keep.get(m) for m in names}
+        kept = {m: embedded[m].shape[1] if keeps[m] is None else keeps[m].shape[1] for m in names}
+        joinable = len({embedded[m].shape[1:] for m in names}) == 1 and len(set(kept.values())) == 1
+        if len(names) == 1 or not joinable:
+            return {m: self.trunk(embedded[m], keeps[m], return_blocks) for m in names}
+        sizes = [embedded[m].shape[0] for m in names]
+        num_tokens = embedded[names[0]].shape[1]
+        keep = None
+        if any(keeps[m] is not None for m in names):
+            keep = torch.cat([
+                keeps[m] if keeps[m] is not None
+                else torch.arange(num_tokens, device=embedded[m].device).expand(embedded[m].shape[0], -1)
+                for m in names
+            ])
+        out = self.trunk(torch.cat([embedded[m] for m in names]), keep, return_blocks)
+        return dict(zip(names, _split_output(out, sizes)))
+
+
+def _split_output(out: EncoderOutput, sizes: list[int]) -> list[EncoderOutput]:
+    tokens = out.tokens.split(sizes)
+    levels = list(zip(*(level.split(sizes) for level in out.levels)))
+    hidden = {i: h.split(sizes) for i, h in out.hidden.items()}
+    return [
+        EncoderOutput(tokens[j], list(levels[j]), {i: h[j] for i, h in hidden.items()})
+        for j in range(len(sizes))
+    ]

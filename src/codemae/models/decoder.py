@@ -1,0 +1,64 @@
+"""MAE decoders: pyramid-to-decoder embedding and the masked-token decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from codemae.models.attention import Block, init_weights, layer_norm
+from codemae.models.pos_embed import resize_pos_embed, sincos_2d
+
+
+class DecoderEmbed(nn.Module):
+    """Project each pyramid level to the decoder width and sum them ("decoder-embedded" tokens)."""
+
+    def __init__(self, level_dims: list[int], dim: int) -> None:
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Linear(d, dim) for d in level_dims)
+        self.apply(init_weights)
+
+    def forward(self, levels: list[Tensor]) -> Tensor:
+        return sum(proj(level) for proj, level in zip(self.proj, levels))
+
+
+class MaskedDecoder(nn.Module):
+    """Fills masked positions with a learned mask token, adds fixed sin-cos positions,
+    runs transformer blocks and predicts the pixels of every patch.
+
+    One pixel head per distinct channel count, so a 3-channel SAR input shares the
+    optical head (as in the reference code) while 1- or 2-channel SAR gets its own.
+    """
+
+    def __init__(self, dim: int, depth: int, num_heads: int, grid: int, patch_size: int,
+                 channels: dict[str, int]) -> None:
+        super().__init__()
+        self.channels = dict(channels)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_2d(dim, grid).unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, 4.0) for _ in range(depth))
+        self.norm = layer_norm(dim)
+        self.heads = nn.ModuleDict({
+            str(c): nn.Linear(dim, patch_size * patch_size * c) for c in sorted(set(channels.values()))
+        })
+        self.apply(init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, inputs: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+        """``inputs[m] = (visible tokens (B, L, D), ids_restore (B, N))`` -> predicted patches (B, N, P*P*C).
+
+        All modalities run through the blocks as one batch.
+        """
+        names = list(inputs)
+        full = [self._unshuffle(*inputs[m]) for m in names]
+        sizes = [x.shape[0] for x in full]
+        x = torch.cat(full)
+        x = x + resize_pos_embed(self.pos_embed, x.shape[1])
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return {m: self.heads[str(self.channels[m])](part) for m, part in zip(names, x.split(sizes))}
+
+    def _unshuffle(self, visible: Tensor, ids_restore: Tensor) -> Tensor:
+        b, n = ids_restore.shape
+        tokens = torch.cat([visible, self.mask_token.expand(b, n - visible.shape[1], -1)], dim=1)
+        return torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))

@@ -1,0 +1,139 @@
+"""HiViT trunk with the iTPN feature pyramid.
+
+Each 16x16 patch is embedded as a 4x4 grid of sub-tokens; MLP-only stages and
+patch merging work inside each patch, so masking can drop whole patches before
+any layer runs. Attention blocks then run on one token per patch. The iTPN
+pyramid rebuilds stride-8 and stride-4 features top-down from the final tokens.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from codemae.models.attention import Block, init_weights, layer_norm, stochastic_depth
+from codemae.models.backbone import Backbone, EncoderOutput, gather_tokens
+
+HIVIT_SIZES = {
+    "tiny": dict(embed_dim=384, depth=10, num_heads=6, mlp_depths=(1, 1)),
+    "small": dict(embed_dim=384, depth=20, num_heads=6, mlp_depths=(2, 2)),
+    "base": dict(embed_dim=512, depth=24, num_heads=8, mlp_depths=(3, 3)),
+    "large": dict(embed_dim=768, depth=40, num_heads=12, mlp_depths=(2, 2)),
+}
+INNER = 4  # sub-tokens per patch side
+
+
+class PatchMerge(nn.Module):
+    """(B, N, s, s, C) -> (B, N, s/2, s/2, 2C): concatenate 2x2 neighbours, LN, Linear 4C->2C."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = layer_norm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.unflatten(2, (-1, 2)).unflatten(4, (-1, 2))  # B N s/2 2 s/2 2 C
+        x = x.permute(0, 1, 2, 4, 5, 3, 6).flatten(-3)  # B N s/2 s/2 (2w 2h C)
+        return self.reduction(self.norm(x))
+
+
+class PatchSplit(nn.Module):
+    """(B, N, s, s, Cin) -> (B, N, 2s, 2s, Cout): LN, Linear to 4*Cout, pixel shuffle."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = layer_norm(in_dim)
+        self.proj = nn.Linear(in_dim, 4 * out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, s, _, _ = x.shape
+        x = self.proj(self.norm(x)).unflatten(-1, (2, 2, -1))  # B N s s 2 2 C
+        return x.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, n, 2 * s, 2 * s, -1)
+
+
+class ITPNPyramid(nn.Module):
+    """Top-down pyramid at width ``dim``: stride 16 -> 8 -> 4, each merged level refined by an MLP block."""
+
+    def __init__(self, embed_dim: int, stage_dims: tuple[int, int], dim: int) -> None:
+        super().__init__()
+        self.align16 = nn.Linear(embed_dim, dim)
+        self.split16to8 = PatchSplit(embed_dim, dim)
+        self.align8 = nn.Linear(stage_dims[1], dim)
+        self.block8 = Block(dim, 0, 4.0)
+        self.split8to4 = PatchSplit(dim, dim)
+        self.align4 = nn.Linear(stage_dims[0], dim)
+        self.block4 = Block(dim, 0, 4.0)
+
+    def forward(self, s4: Tensor, s8: Tensor, s16: Tensor) -> list[Tensor]:
+        top = s16[:, :, None, None, :]
+        p8 = self.block8(self.align8(s8) + self.split16to8(top))
+        p4 = self.block4(self.align4(s4) + self.split8to4(p8))
+        return [self.align16(s16), p8.flatten(2), p4.flatten(2)]
+
+
+class HiViT(Backbone):
+    """HiViT: conv sub-patch embedding, two MLP-only stages with merging, attention blocks, iTPN pyramid."""
+
+    def __init__(
+        self,
+        img_size: int,
+        patch_size: int,
+        channels: dict[str, int],
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_depths: tuple[int, int] = (3, 3),
+        pyramid_dim: int | None = None,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__(img_size, patch_size, channels, embed_dim)
+        if patch_size % INNER:
+            raise ValueError(f"HiViT needs a patch size divisible by {INNER}, got {patch_size}")
+        if embed_dim % 4:
+            raise ValueError(f"HiViT needs embed_dim divisible by 4, got {embed_dim}")
+        c0 = embed_dim // 4
+        self.embed_dim = embed_dim
+        self.num_attention_blocks = depth
+        pyramid_dim = pyramid_dim or embed_dim // 2
+        self.level_dims = [pyramid_dim, 4 * pyramid_dim, 16 * pyramid_dim]
+        self.level_grids = [1, 2, 4]
+        sub = patch_size // INNER
+        self.patch_embed = nn.ModuleDict({
+            m: nn.Conv2d(c, c0, kernel_size=sub, stride=sub) for m, c in channels.items()
+        })
+        self.patch_norm = layer_norm(c0)
+        rates = stochastic_depth(drop_path, sum(mlp_depths) + depth)
+        d1, d2 = mlp_depths
+        self.stage1 = nn.ModuleList(Block(c0, 0, 3.0, p) for p in rates[:d1])
+        self.merge1 = PatchMerge(c0)
+        self.stage2 = nn.ModuleList(Block(2 * c0, 0, 3.0, p) for p in rates[d1 : d1 + d2])
+        self.merge2 = PatchMerge(2 * c0)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, 4.0, p) for p in rates[d1 + d2 :])
+        self.norm = layer_norm(embed_dim)
+        self.pyramid = ITPNPyramid(embed_dim, (c0, 2 * c0), pyramid_dim)
+        self.apply(init_weights)
+        for conv in self.patch_embed.values():
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+
+    def embed(self, image: Tensor, modality: str) -> Tensor:
+        x = self.patch_embed[modality](image)  # B C H/sub W/sub
+        b, c, h, w = x.shape
+        x = x.view(b, c, h // INNER, INNER, w // INNER, INNER).permute(0, 2, 4, 3, 5, 1)
+        return self.patch_norm(x.reshape(b, -1, INNER, INNER, c))
+
+    def trunk(self, tokens: Tensor, ids_keep: Tensor | None, return_blocks: tuple[int, ...] = ()) -> EncoderOutput:
+        x = gather_tokens(tokens, ids_keep)
+        for block in self.stage1:
+            x = block(x)
+        s4 = x
+        x = self.merge1(x)
+        for block in self.stage2:
+            x = block(x)
+        s8 = x
+        x = self.merge2(x)[:, :, 0, 0, :] + self.pos_for(tokens.shape[1], ids_keep, tokens.shape[0])
+        hidden = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in return_blocks:
+                hidden[i] = x
+        x = self.norm(x)
+        return EncoderOutput(x, self.pyramid(s4, s8, x), hidden)

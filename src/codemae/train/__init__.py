@@ -1,0 +1,1 @@
+"""The pretraining engine: loop, optimiser and schedule, checkpoints, logs, distribution."""

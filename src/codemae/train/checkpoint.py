@@ -1,0 +1,50 @@
+"""Checkpoints written atomically (temp file, fsync, rename) and read with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from codemae.errors import DataError, TrainingError
+
+
+def save_atomic(payload: dict[str, Any], path: Path) -> None:
+    """Write ``payload`` to ``path`` so that ``path`` always holds a complete checkpoint.
+
+    On failure (disk full, no permission) the temp file is removed, the previous
+    checkpoint stays in place and a :class:`TrainingError` names the path.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise TrainingError(
+            f"cannot write checkpoint {path}: {err.strerror or err}; the previous checkpoint is intact"
+        ) from err
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint as data only; a payload that needs pickled code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"checkpoint {path} cannot be loaded as weights only: {reason}") from err

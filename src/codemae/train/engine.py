@@ -1,0 +1,216 @@
+"""The pretraining loop: one process or many under torchrun, resuming from the run folder.
+
+Randomness is a pure function of (seed, step, rank): data order and augmentation
+come from the epoch plan, masks and drop-path from a generator reseeded at every
+micro-step. A checkpoint therefore needs no RNG state, and a resumed run takes
+exactly the steps an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from codemae import __version__
+from codemae.config import Config, to_dict
+from codemae.data.pipeline import build_dataset, build_loader
+from codemae.errors import ConfigError, TrainingError
+from codemae.methods import build_method
+from codemae.train.checkpoint import load_checkpoint, save_atomic
+from codemae.train.distributed import DistInfo, all_reduce_mean, init_distributed, params_in_sync, shutdown
+from codemae.train.metrics import MetricsLog, plot_losses
+from codemae.train.optim import build_optimizer, lr_at, scaled_lr
+
+log = logging.getLogger("codemae")
+CHECKPOINT = Path("checkpoints") / "last.pt"
+
+
+def pretrain(cfg: Config) -> dict:
+    """Run (or resume) the pretraining described by ``cfg``; returns the run summary."""
+    info = init_distributed(cfg.train.device)
+    try:
+        run_dir = Path(cfg.run_dir)
+        if info.is_main:
+            prepare_run_dir(run_dir)
+        setup_logging(run_dir, info)
+        return Trainer(cfg, info, run_dir).fit()
+    finally:
+        shutdown()
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run folder and prove it is writable before any work is done."""
+    probe = run_dir / ".write-test"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise TrainingError(f"run folder {run_dir} is not writable: {err.strerror or err}") from err
+
+
+def setup_logging(run_dir: Path, info: DistInfo) -> None:
+    log.handlers.clear()
+    log.setLevel(logging.INFO if info.is_main else logging.WARNING)
+    log.propagate = False
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if info.is_main:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+
+
+def step_seed(seed: int, micro_step: int, rank: int) -> int:
+    return ((seed * 1_000_003 + micro_step) * 1_009 + rank) % (2**63 - 1)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: DistInfo, run_dir: Path) -> None:
+        self.cfg, self.info, self.run_dir = cfg, info, run_dir
+        tc = cfg.train
+        if tc.precision == "bf16" and info.device.type == "cpu":
+            log.warning("bf16 autocast on a CPU without bf16 hardware is very slow; use precision=fp32")
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.method = build_method(cfg).to(info.device)
+        dataset = build_dataset(cfg, run_dir, write_stats=info.is_main)
+        self.loader = build_loader(cfg, dataset, info.world_size, info.rank)
+        self.sampler = self.loader.batch_sampler
+        self.steps_per_epoch = len(self.sampler) // tc.accum_steps
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"config key 'train.accum_steps': {tc.accum_steps} exceeds the "
+                              f"{len(self.sampler)} batches of an epoch")
+        self.total_steps = tc.epochs * self.steps_per_epoch
+        self.stop_at = min(self.total_steps, tc.max_steps) if tc.max_steps else self.total_steps
+        self.effective_batch = cfg.data.batch_size * 2 * info.world_size * tc.accum_steps
+        self.peak_lr = scaled_lr(tc.base_lr, self.effective_batch)
+        self.warmup_steps = tc.warmup_epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(self.method, self.peak_lr, tc.weight_decay, tc.betas)
+        self.step = self.resume()
+        self.model = self.method
+        if info.enabled:
+            pools = dataset.pools()
+            single = (len(pools.opt) == 0) != (len(pools.sar) == 0)  # one unpaired modality only
+            self.model = DistributedDataParallel(self.method, find_unused_parameters=single)
+        self.metrics = MetricsLog(run_dir, self.step) if info.is_main else None
+        if info.is_main:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def resume(self) -> int:
+        path = self.run_dir / CHECKPOINT
+        if not path.is_file():
+            return 0
+        state = load_checkpoint(path)
+        try:
+            self.method.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise TrainingError(f"checkpoint {path} does not match the configured model: "
+                                f"{str(err).splitlines()[0]}") from err
+        log.info("resumed from %s at step %d", path, state["step"])
+        return int(state["step"])
+
+    def checkpoint(self) -> None:
+        if self.info.is_main:
+            save_atomic({
+                "model": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "config": to_dict(self.cfg),
+                "version": __version__,
+            }, self.run_dir / CHECKPOINT)
+
+    def fit(self) -> dict:
+        tc = self.cfg.train
+        log.info("%d process(es), effective batch %d images, peak lr %.3g, %d steps/epoch, steps %d -> %d of %d",
+                 self.info.world_size, self.effective_batch, self.peak_lr, self.steps_per_epoch,
+                 self.step, self.stop_at, self.total_steps)
+        start, start_step = time.perf_counter(), self.step
+        bar = tqdm(total=self.stop_at, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (tc.progress and self.info.is_main))
+        self.method.train()
+        while self.step < self.stop_at:
+            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch, start=in_epoch * tc.accum_steps)
+            batches = iter(self.loader)
+            while in_epoch < self.steps_per_epoch and self.step < self.stop_at:
+                row = self.train_step(batches, epoch)
+                in_epoch += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['total']:.4f}")
+                if self.metrics and (self.step % tc.log_every == 0 or self.step == self.stop_at):
+                    self.metrics.log(row)
+                if self.step % tc.ckpt_every == 0 or in_epoch == self.steps_per_epoch or self.step == self.stop_at:
+                    self.checkpoint()
+        bar.close()
+        return self.finish(time.perf_counter() - start, self.step - start_step)
+
+    def train_step(self, batches, epoch: int) -> dict[str, float]:
+        tc, device = self.cfg.train, self.info.device
+        lr = lr_at(self.step, self.peak_lr, self.warmup_steps, self.total_steps, tc.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(tc.accum_steps):
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+            torch.manual_seed(step_seed(self.cfg.seed, self.step * tc.accum_steps + micro, self.info.rank))
+            last = micro == tc.accum_steps - 1
+            sync = contextlib.nullcontext() if last or not self.info.enabled else self.model.no_sync()
+            with sync, torch.autocast(device.type, torch.bfloat16, enabled=tc.precision == "bf16"):
+                terms = self.model(batch)
+                total = sum(terms.values())
+                reduced = all_reduce_mean(torch.stack([t.detach().float() for t in terms.values()]), self.info)
+                self.guard(dict(zip(terms, reduced.tolist())))
+                (total / tc.accum_steps).backward()
+            for name, value in zip(terms, reduced):
+                sums[name] = sums.get(name, 0.0) + value / tc.accum_steps
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), tc.clip_grad or float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise TrainingError(f"non-finite gradient norm at step {self.step}; stopped before the update, "
+                                f"last good checkpoint {self.run_dir / CHECKPOINT} kept")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        values = {name: float(v) for name, v in sums.items()}
+        return {"step": self.step, "epoch": epoch, "lr": lr, "total": sum(values.values()), **values,
+                "grad_norm": float(grad_norm)}
+
+    def guard(self, terms: dict[str, float]) -> None:
+        """Stop before the update if any (rank-averaged) loss term is NaN or infinite."""
+        bad = {name: v for name, v in terms.items() if not math.isfinite(v)}
+        if bad:
+            named = ", ".join(f"'{k}' = {v}" for k, v in bad.items())
+            raise TrainingError(f"non-finite loss at step {self.step}: {named}; stopped before the update, "
+                                f"last good checkpoint {self.run_dir / CHECKPOINT} kept")
+
+    def finish(self, seconds: float, steps: int) -> dict:
+        in_sync = params_in_sync(self.method, self.info)
+        summary = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "world_size": self.info.world_size,
+            "effective_batch": self.effective_batch,
+            "peak_lr": self.peak_lr,
+            "ranks_in_sync": in_sync,
+            "seconds": round(seconds, 2),
+            "pairs_per_s": round(steps * self.effective_batch / 2 / seconds, 2) if steps and seconds else None,
+            "final": self.metrics.rows[-1] if self.metrics and self.metrics.rows else None,
+        }
+        if not in_sync:
+            raise TrainingError("parameters differ across ranks at the end of training")
+        if self.info.is_main:
+            self.metrics.close()
+            plot_losses(self.metrics.rows, self.run_dir / "loss_curve.png", f"{self.cfg.method.name} pretraining")
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            log.info("done: step %d, %s", self.step, self.run_dir / CHECKPOINT)
+        return summary

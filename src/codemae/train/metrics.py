@@ -1,0 +1,81 @@
+"""Training logs: a CSV of every loss term, TensorBoard scalars and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends rows ``{step, epoch, lr, <terms>}`` to ``metrics.csv`` and TensorBoard.
+
+    On resume, rows beyond the resumed step are dropped so the log matches the weights.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool = True) -> None:
+        self.path = run_dir / "metrics.csv"
+        self.rows = read_metrics(self.path)
+        self.rows = [r for r in self.rows if r["step"] <= resume_step]
+        self.fields = list(self.rows[0]) if self.rows else []
+        self._rewrite()
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def log(self, row: dict[str, float]) -> None:
+        if not self.fields:
+            self.fields = list(row)
+            self._rewrite()
+        self.rows.append(row)
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in ("step", "epoch"):
+                    self.writer.add_scalar(f"train/{key}", value, int(row["step"]))
+
+    def _rewrite(self) -> None:
+        with self.path.open("w", newline="") as f:
+            if self.fields:
+                writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_losses(rows: list[dict[str, float]], out: Path, title: str) -> None:
+    """Every loss term against the optimiser step, log-scaled if all positive."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    terms = [k for k in rows[0] if k not in ("step", "epoch", "lr")]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for term in terms:
+        ax.plot(steps, [r[term] for r in rows], label=term, linewidth=1.2 if term == "total" else 0.9)
+    if all(r[t] > 0 for r in rows for t in terms):
+        ax.set_yscale("log")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
