@@ -232,6 +232,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"config key '{where}': expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{where}': expected a number, got {value!r}")
         return float(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
         finally:
             os.close(dir_fd)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         raise TrainingError(
             f"cannot write checkpoint {path}: {err.strerror or err}; the previous checkpoint is intact"
         ) from err
