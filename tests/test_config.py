@@ -23,6 +23,10 @@ def test_yaml_and_overrides(tmp_path: Path):
     (["method.masking=random"], "method.masking"),
     (["train.progress=3"], "train.progress"),
     (["nosuch.section.key=1"], "nosuch"),
+    (["method.mask_ratio=1.0"], "method.mask_ratio"),
+    (["data.batch_size=0"], "data.batch_size"),
+    (["data.crop_scale=[0.5, 0.2]"], "data.crop_scale"),
+    (["data.sources=[{kind: paired}]"], "data.sources.0.root"),
 ])
 def test_bad_key_or_value_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -147,7 +147,49 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for item in overrides:
         apply_override(raw, item)
-    return from_dict(Config, raw)
+    cfg = from_dict(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks the types alone cannot express; the first failure names its key."""
+    positive = {
+        "model.img_size": cfg.model.img_size, "model.patch_size": cfg.model.patch_size,
+        "model.opt_channels": cfg.model.opt_channels, "model.sar_channels": cfg.model.sar_channels,
+        "method.decoder_dim": cfg.method.decoder_dim, "method.decoder_heads": cfg.method.decoder_heads,
+        "data.batch_size": cfg.data.batch_size, "data.stats_samples": cfg.data.stats_samples,
+        "train.epochs": cfg.train.epochs, "train.accum_steps": cfg.train.accum_steps,
+        "train.ckpt_every": cfg.train.ckpt_every, "train.log_every": cfg.train.log_every,
+        "train.base_lr": cfg.train.base_lr,
+    }
+    for key, value in positive.items():
+        _require(value > 0, key, "must be positive", value)
+    _require(0.0 <= cfg.method.mask_ratio < 1.0, "method.mask_ratio", "must be in [0, 1)", cfg.method.mask_ratio)
+    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0", cfg.data.num_workers)
+    _require(cfg.train.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0", cfg.train.warmup_epochs)
+    _require(cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps", "must be positive",
+             cfg.train.max_steps)
+    _require(0.0 <= cfg.model.drop_path < 1.0, "model.drop_path", "must be in [0, 1)", cfg.model.drop_path)
+    crops = (("data.crop_scale", cfg.data.crop_scale, 1.0), ("data.crop_ratio", cfg.data.crop_ratio, None))
+    for key, pair, upper in crops:
+        ok = len(pair) == 2 and 0 < pair[0] <= pair[1] and (upper is None or pair[1] <= upper)
+        _require(ok, key, "must be [low, high] with 0 < low <= high" + (" <= 1" if upper else ""), pair)
+    betas = cfg.train.betas
+    _require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "train.betas", "must be two values in [0, 1)", betas)
+    for i, source in enumerate(cfg.data.sources):
+        where = f"data.sources.{i}"
+        _require(source.kind == "synthetic" or bool(source.root), f"{where}.root", "is required for a folder source",
+                 source.root)
+        for name in ("opt_scaling", "sar_scaling"):
+            bounds = getattr(source, name).db_range
+            _require(len(bounds) == 2 and bounds[0] < bounds[1], f"{where}.{name}.db_range",
+                     "must be [low, high] with low < high", bounds)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
