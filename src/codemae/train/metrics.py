@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+NOT_LOSSES = ("step", "epoch", "lr", "grad_norm")
+
 
 class MetricsLog:
     """Appends rows ``{step, epoch, lr, <terms>}`` to ``metrics.csv`` and TensorBoard.
@@ -64,7 +66,7 @@ def plot_losses(rows: list[dict[str, float]], out: Path, title: str) -> None:
 
     if not rows:
         return
-    terms = [k for k in rows[0] if k not in ("step", "epoch", "lr")]
+    terms = [k for k in rows[0] if k not in NOT_LOSSES]
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     for term in terms:
