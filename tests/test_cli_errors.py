@@ -89,3 +89,16 @@ def test_unwritable_run_folder(tmp_path, capsys):
     blocker.write_text("x")
     code, msg = run(tmp_path, capsys, overrides=(f"run_dir={blocker}/run",))
     assert code == 2 and f"run folder {blocker}/run is not writable" in msg
+
+
+def test_stats_command_writes_json(tmp_path, capsys):
+    import json
+
+    root = write_pairs(tmp_path / "p", n=6)
+    out = tmp_path / "stats.json"
+    assert main(["stats", str(root), "--split", "train", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["samples"] == 4 and len(data["opt"]["mean"]) == 3 and len(data["sar"]["std"]) == 1
+    assert 0.4 < data["opt"]["mean"][0] < 0.6  # uniform random bytes
+    assert main(["stats", str(tmp_path / "absent")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -151,3 +151,16 @@ def test_two_process_torchrun_keeps_ranks_in_sync(tmp_path):
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
     assert summary["step"] == 16 // (2 * 2)  # 16 scenes, 2 pairs per rank, 2 ranks
     assert summary["effective_batch"] == 2 * 2 * 2
+
+
+def test_load_method_from_checkpoint_gives_same_encoder(tmp_path):
+    from codemae.methods import load_method
+
+    cfg = tiny_config(tmp_path / "run", train={"max_steps": 2})
+    pretrain(cfg)
+    method = load_method(tmp_path / "run" / "checkpoints" / "last.pt")
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in method.state_dict().items())
+    assert not method.training
+    tokens = method.encode({"sar": torch.randn(1, 1, 32, 32)})["sar"]
+    assert tokens.shape == (1, 4, 32)

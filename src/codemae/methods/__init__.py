@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from codemae.config import Config
+from pathlib import Path
+
+from codemae.config import Config, from_dict, validate
+from codemae.errors import DataError
 from codemae.methods.base import PretrainMethod
 from codemae.methods.mae import JointMAE
 from codemae.models.build import build_backbone
@@ -12,3 +15,24 @@ def build_method(cfg: Config) -> PretrainMethod:
     """The configured method around a freshly initialised backbone."""
     encoder = build_backbone(cfg.model)
     return {"mae": JointMAE}[cfg.method.name](encoder, cfg.method)
+
+
+def load_method(checkpoint: str | Path) -> PretrainMethod:
+    """Rebuild the method a checkpoint was trained with and load its weights (eval mode).
+
+    Evaluation and teachers use this on any method's checkpoint; the config comes
+    from the checkpoint itself and is validated like a user's config.
+    """
+    from codemae.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    if "config" not in state or "model" not in state:
+        raise DataError(f"checkpoint {checkpoint} is not a codemae checkpoint (no 'config' or 'model' entry)")
+    cfg = from_dict(Config, state["config"])
+    validate(cfg)
+    method = build_method(cfg)
+    try:
+        method.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise DataError(f"checkpoint {checkpoint}: weights do not match its config: {str(err).splitlines()[0]}") from err
+    return method.eval()

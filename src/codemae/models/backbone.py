@@ -71,6 +71,20 @@ class Backbone(nn.Module):
         """Run the shared layers on embedded tokens, keeping only ``ids_keep``."""
         raise NotImplementedError
 
+    def init_patch_embeds(self) -> None:
+        """Xavier-uniform init of each patch-embedding conv, viewed as a linear layer (as MAE does)."""
+        for conv in self.patch_embed.values():
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+
+    def run_blocks(self, x: Tensor, return_blocks: tuple[int, ...]) -> tuple[Tensor, dict[int, Tensor]]:
+        """Apply ``self.blocks``, keeping the outputs of the blocks listed in ``return_blocks``."""
+        hidden = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in return_blocks:
+                hidden[i] = x
+        return x, hidden
+
     def pos_for(self, num_tokens: int, ids_keep: Tensor | None, batch: int) -> Tensor:
         """Position embedding resized to ``num_tokens`` patches and gathered at ``ids_keep``."""
         pos = resize_pos_embed(self.pos_embed, num_tokens).expand(batch, -1, -1)

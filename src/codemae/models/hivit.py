@@ -111,8 +111,7 @@ class HiViT(Backbone):
         self.norm = layer_norm(embed_dim)
         self.pyramid = ITPNPyramid(embed_dim, (c0, 2 * c0), pyramid_dim)
         self.apply(init_weights)
-        for conv in self.patch_embed.values():
-            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+        self.init_patch_embeds()
 
     def embed(self, image: Tensor, modality: str) -> Tensor:
         x = self.patch_embed[modality](image)  # B C H/sub W/sub
@@ -130,10 +129,6 @@ class HiViT(Backbone):
             x = block(x)
         s8 = x
         x = self.merge2(x)[:, :, 0, 0, :] + self.pos_for(tokens.shape[1], ids_keep, tokens.shape[0])
-        hidden = {}
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in return_blocks:
-                hidden[i] = x
+        x, hidden = self.run_blocks(x, return_blocks)
         x = self.norm(x)
         return EncoderOutput(x, self.pyramid(s4, s8, x), hidden)

@@ -38,18 +38,13 @@ class ViT(Backbone):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, 4.0, p) for p in stochastic_depth(drop_path, depth))
         self.norm = layer_norm(embed_dim)
         self.apply(init_weights)
-        for conv in self.patch_embed.values():
-            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+        self.init_patch_embeds()
 
     def embed(self, image: Tensor, modality: str) -> Tensor:
         return self.patch_embed[modality](image).flatten(2).transpose(1, 2)
 
     def trunk(self, tokens: Tensor, ids_keep: Tensor | None, return_blocks: tuple[int, ...] = ()) -> EncoderOutput:
         x = gather_tokens(tokens, ids_keep) + self.pos_for(tokens.shape[1], ids_keep, tokens.shape[0])
-        hidden = {}
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in return_blocks:
-                hidden[i] = x
+        x, hidden = self.run_blocks(x, return_blocks)
         x = self.norm(x)
         return EncoderOutput(x, [x], hidden)
