@@ -70,11 +70,11 @@ def test_paired_crop_is_identical_for_both_images():
     norm = Normalisation([0.0], [1.0])
     crop = PairedCrop(16, (0.2, 1.0), (0.75, 1.33), True, {"opt": norm, "sar": norm})
     for seed in range(5):
-        out = crop({"opt": image, "sar": image.copy()}, torch.Generator().manual_seed(seed))
+        out, _ = crop({"opt": image, "sar": image.copy()}, torch.Generator().manual_seed(seed))
         assert out["opt"].shape == (1, 16, 16)
         assert torch.equal(out["opt"], out["sar"])
-    a = crop({"opt": image}, torch.Generator().manual_seed(0))["opt"]
-    b = crop({"opt": image}, torch.Generator().manual_seed(1))["opt"]
+    a = crop({"opt": image}, torch.Generator().manual_seed(0))[0]["opt"]
+    b = crop({"opt": image}, torch.Generator().manual_seed(1))[0]["opt"]
     assert not torch.equal(a, b)
 
 

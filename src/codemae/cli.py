@@ -38,6 +38,31 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teacher_cache(args: argparse.Namespace) -> int:
+    import torch
+
+    from codemae.config import load_config
+    from codemae.data.pipeline import build_sources
+    from codemae.data.teacher_cache import write_teacher_cache
+    from codemae.errors import ConfigError
+    from codemae.models.teacher import build_teacher
+
+    cfg = load_config(args.config, args.overrides)
+    teacher_cfg = cfg.method.teacher
+    if not teacher_cfg.cache:
+        raise ConfigError("config key 'method.teacher.cache': the folder to write the features to is not set")
+    teacher = build_teacher(teacher_cfg)
+    if teacher is None:
+        raise ConfigError("config key 'method.teacher.kind': none; choose hf, hub or checkpoint")
+    teacher.to("cuda" if torch.cuda.is_available() else "cpu")
+    size = teacher_cfg.input_size or cfg.model.img_size
+    for source in build_sources(cfg):
+        if "opt" in source.modalities:
+            path = write_teacher_cache(teacher, source, teacher_cfg.cache, size, args.batch_size)
+            print(f"wrote {path} ({len(source)} images)")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from codemae.bench import run_bench
 
@@ -70,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1024, help="at most this many evenly spaced samples")
     p.add_argument("--out", help="output JSON (default <root>/codemae_stats.json)")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("teacher-cache", help="run the OKD teacher once over the data and store its features",
+                       description="Writes the teacher's patch features of every optical image of the "
+                                   "config's sources to method.teacher.cache; pretraining with that "
+                                   "setting then reads them instead of running the teacher.")
+    p.add_argument("--config", required=True, help="the pretraining config (sources and teacher)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.teacher.cache=/data/cache")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_teacher_cache)
 
     p = sub.add_parser("bench", help="training throughput, step time, memory and FLOP/s utilisation",
                        description="Times joint-MAE training steps on random data and compares the "

@@ -92,16 +92,66 @@ class ModelConfig:
     pyramid_dim: Optional[int] = None
 
 
+SAT_MEAN = [0.430, 0.411, 0.296]  # DINOv3-Sat input normalisation
+SAT_STD = [0.213, 0.156, 0.143]
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen OKD teacher (loaded from local files only) or its feature cache.
+
+    ``hf``: a Hugging Face-format directory (``DINOv3ViTModel``, needs the
+    ``teacher`` extra); ``hub``: a local clone of the DINOv3 repository (``path``)
+    plus a weights file (``weights``) via ``torch.hub.load(source='local')``;
+    ``checkpoint``: a codemae checkpoint's encoder. ``cache``: a folder written by
+    ``codemae teacher-cache``; when set, pretraining reads features from it and
+    never runs the teacher.
+    """
+
+    kind: Literal["none", "hf", "hub", "checkpoint"] = "none"
+    path: str = ""
+    weights: str = ""
+    hub_model: str = "dinov3_vitl16"
+    dim: int = 1024
+    mean: list[float] = field(default_factory=lambda: list(SAT_MEAN))
+    std: list[float] = field(default_factory=lambda: list(SAT_STD))
+    input_size: Optional[int] = None
+    cache: str = ""
+
+
+@dataclass
+class LossWeights:
+    recon: float = 1.0
+    okd: float = 1.0
+    ccl: float = 1.0
+    cdr: float = 1.0
+
+
 @dataclass
 class MethodConfig:
-    name: Literal["mae"] = "mae"
+    """The pretraining method. ``mae`` is the joint-MAE baseline; ``codemae`` adds the
+    switches below (each off reproduces the corresponding ablation row)."""
+
+    name: Literal["mae", "codemae"] = "mae"
     mask_ratio: float = 0.75
     masking: Literal["consistent", "independent"] = "consistent"
+    encoder: Literal["shared", "independent"] = "shared"
     decoder: Literal["shared", "independent"] = "shared"
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
     norm_pix_loss: bool = True
+    okd: bool = False
+    okd_aux_block: Optional[int] = None
+    okd_aux_depth: int = 2
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    ccl: Literal["none", "vanilla", "linear", "mlp", "cross_attention"] = "none"
+    ccl_temperature: float = 0.07
+    cdr: bool = False
+    cdr_direction: Literal["sar_to_opt", "both"] = "sar_to_opt"
+    cdr_target: Literal["gray", "rgb", "spatial", "hog", "mgf"] = "gray"
+    cdr_depth: Optional[int] = None
+    weights: LossWeights = field(default_factory=LossWeights)
 
 
 @dataclass
@@ -134,22 +184,39 @@ class Config:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from err
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
     cfg = from_dict(Config, raw)
     validate(cfg)
     return cfg
+
+
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config as a dict; a top-level ``base: <path>`` (relative to the file) is
+    read first and this file's keys are merged over it, section by section."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return deep_merge(read_yaml(path.parent / str(base), seen + (path.resolve(),)), raw)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``; nested mappings merge, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _require(ok: bool, key: str, message: str, value: Any) -> None:
@@ -180,6 +247,8 @@ def validate(cfg: Config) -> None:
     for key, pair, upper in crops:
         ok = len(pair) == 2 and 0 < pair[0] <= pair[1] and (upper is None or pair[1] <= upper)
         _require(ok, key, "must be [low, high] with 0 < low <= high" + (" <= 1" if upper else ""), pair)
+    _require(cfg.method.ccl_temperature > 0, "method.ccl_temperature", "must be positive", cfg.method.ccl_temperature)
+    _require(cfg.method.okd_aux_depth >= 0, "method.okd_aux_depth", "must be >= 0", cfg.method.okd_aux_depth)
     betas = cfg.train.betas
     _require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "train.betas", "must be two values in [0, 1)", betas)
     for i, source in enumerate(cfg.data.sources):

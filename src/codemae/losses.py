@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -45,3 +48,36 @@ def masked_mean(values: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
 def masked_patch_mse(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
     """MAE reconstruction loss: per-patch MSE averaged over masked patches only (``mask`` 1)."""
     return masked_mean([patch_errors(pred, target, norm_pix)], [mask])
+
+
+def gather_rows(x: Tensor) -> tuple[Tensor, int]:
+    """Every process's rows of ``x`` stacked in rank order, and the world size.
+
+    The other processes' rows are detached copies; this process's own block is
+    ``x`` itself, so gradient flows only into local embeddings.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 1
+    world = dist.get_world_size()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts), world
+
+
+def symmetric_info_nce(a: Tensor, b: Tensor, temperature: float) -> Tensor:
+    """``(CE(a->b) + CE(b->a)) / 2`` over the L2-normalised rows of ``a`` and ``b`` (B, D);
+    row i of ``a`` and of ``b`` are a positive pair, every other row a negative.
+
+    Negatives come from all processes (gathered without gradient). Each process
+    evaluates the whole cross-process loss (its own rows sit at labels offset by
+    rank), so the value is the same for any number of processes; its gradient,
+    which reaches only the local rows, is scaled by the world size so that DDP's
+    gradient averaging yields exactly the single-process gradient.
+    """
+    a_all, world = gather_rows(F.normalize(a, dim=-1))
+    b_all, _ = gather_rows(F.normalize(b, dim=-1))
+    logits = a_all @ b_all.T / temperature
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return loss + (world - 1) * (loss - loss.detach())

@@ -26,6 +26,7 @@ class Source:
 
     name: str
     modalities: tuple[str, ...]
+    stems: list[str]  # one identifier per sample, in order
 
     @property
     def paired(self) -> bool:
@@ -100,6 +101,10 @@ class SyntheticSource(Source):
 
     def __len__(self) -> int:
         return self.cfg.synthetic.num_scenes
+
+    @property
+    def stems(self) -> list[str]:
+        return [str(i) for i in range(len(self))]
 
     def load(self, index: int) -> dict[str, np.ndarray]:
         scene = generate_scene(self.cfg.seed + index, self.cfg.synthetic)

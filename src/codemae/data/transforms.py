@@ -24,6 +24,19 @@ class Normalisation:
         return (x - mean) / std
 
 
+@dataclass(frozen=True)
+class CropBox:
+    """Where a sample's crop came from: box (top, left, height, width) in an image of
+    ``image_size`` (height, width) pixels, and whether it was flipped horizontally."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+    image_size: tuple[int, int]
+
+
 def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
              generator: torch.Generator) -> tuple[int, int, int, int]:
     """RandomResizedCrop box (top, left, h, w): area fraction in ``scale``, log-uniform aspect ``ratio``.
@@ -64,7 +77,9 @@ class PairedCrop:
         self.hflip = hflip
         self.norms = norms
 
-    def __call__(self, arrays: dict[str, np.ndarray], generator: torch.Generator) -> dict[str, Tensor]:
+    def __call__(self, arrays: dict[str, np.ndarray], generator: torch.Generator) -> tuple[dict[str, Tensor], CropBox]:
+        """Crop, resize, flip and normalise each image; also return each modality's
+        normalisation (``<m>_mean``, ``<m>_std``) so [0, 1] values can be recovered."""
         first = next(iter(arrays.values()))
         top, left, h, w = crop_box(first.shape[0], first.shape[1], self.scale, self.ratio, generator)
         flip = self.hflip and bool(torch.rand(1, generator=generator) < 0.5)
@@ -73,5 +88,7 @@ class PairedCrop:
             x = torch.from_numpy(np.ascontiguousarray(array[top : top + h, left : left + w])).permute(2, 0, 1)
             x = F.interpolate(x[None], size=(self.size, self.size), mode="bicubic", align_corners=False,
                               antialias=True)[0]
-            out[m] = self.norms[m](x.flip(-1) if flip else x)
-        return out
+            norm = self.norms[m]
+            out[m] = norm(x.flip(-1) if flip else x)
+            out[f"{m}_mean"], out[f"{m}_std"] = torch.tensor(norm.mean), torch.tensor(norm.std)
+        return out, CropBox(top, left, h, w, flip, (first.shape[0], first.shape[1]))

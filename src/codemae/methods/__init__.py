@@ -7,14 +7,16 @@ from pathlib import Path
 from codemae.config import Config, from_dict, validate
 from codemae.errors import DataError
 from codemae.methods.base import PretrainMethod
+from codemae.methods.codemae import CoDeMAE
 from codemae.methods.mae import JointMAE
-from codemae.models.build import build_backbone
+from codemae.models.build import build_encoder
+
+METHODS = {"mae": JointMAE, "codemae": CoDeMAE}
 
 
 def build_method(cfg: Config) -> PretrainMethod:
-    """The configured method around a freshly initialised backbone."""
-    encoder = build_backbone(cfg.model)
-    return {"mae": JointMAE}[cfg.method.name](encoder, cfg.method)
+    """The configured method around a freshly initialised encoder (no teacher attached)."""
+    return METHODS[cfg.method.name](build_encoder(cfg.model, cfg.method.encoder), cfg.method)
 
 
 def load_method(checkpoint: str | Path) -> PretrainMethod:

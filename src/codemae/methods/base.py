@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from codemae.models.backbone import MODALITIES, Backbone
+from codemae.models.backbone import MODALITIES, Backbone, PerModalityBackbones
 
 
 class PretrainMethod(nn.Module):
@@ -15,7 +15,7 @@ class PretrainMethod(nn.Module):
     needs to know which terms a method has.
     """
 
-    encoder: Backbone
+    encoder: Backbone | PerModalityBackbones
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         raise NotImplementedError

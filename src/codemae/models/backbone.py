@@ -48,6 +48,7 @@ class Backbone(nn.Module):
     level_dims: list[int]
     level_grids: list[int]
     num_attention_blocks: int
+    num_heads: int
 
     def __init__(self, img_size: int, patch_size: int, channels: dict[str, int], pos_dim: int) -> None:
         super().__init__()
@@ -132,3 +133,28 @@ def _split_output(out: EncoderOutput, sizes: list[int]) -> list[EncoderOutput]:
         EncoderOutput(tokens[j], list(levels[j]), {i: h[j] for i, h in hidden.items()})
         for j in range(len(sizes))
     ]
+
+
+class PerModalityBackbones(nn.Module):
+    """One backbone per modality: the "independent encoders" ablation, called like a :class:`Backbone`."""
+
+    def __init__(self, backbones: dict[str, Backbone]) -> None:
+        super().__init__()
+        self.backbones = nn.ModuleDict(backbones)
+        ref = next(iter(backbones.values()))
+        self.img_size, self.patch_size, self.grid = ref.img_size, ref.patch_size, ref.grid
+        self.embed_dim, self.num_heads, self.num_attention_blocks = ref.embed_dim, ref.num_heads, ref.num_attention_blocks
+        self.level_dims, self.level_grids = ref.level_dims, ref.level_grids
+        self.channels = {m: c for b in backbones.values() for m, c in b.channels.items()}
+
+    def forward(
+        self,
+        images: dict[str, Tensor],
+        ids_keep: dict[str, Tensor | None] | None = None,
+        return_blocks: tuple[int, ...] = (),
+    ) -> dict[str, EncoderOutput]:
+        ids_keep = ids_keep or {}
+        return {
+            m: self.backbones[m]({m: images[m]}, {m: ids_keep.get(m)}, return_blocks)[m]
+            for m in MODALITIES if images.get(m) is not None
+        }

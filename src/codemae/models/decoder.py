@@ -23,28 +23,27 @@ class DecoderEmbed(nn.Module):
 
 class MaskedDecoder(nn.Module):
     """Fills masked positions with a learned mask token, adds fixed sin-cos positions,
-    runs transformer blocks and predicts the pixels of every patch.
+    runs transformer blocks and predicts a vector per patch.
 
-    One pixel head per distinct channel count, so a 3-channel SAR input shares the
-    optical head (as in the reference code) while 1- or 2-channel SAR gets its own.
+    ``outputs`` maps each input modality to the length of its per-patch prediction
+    (P*P*C pixels for reconstruction). There is one output head per distinct length,
+    so a 3-channel SAR input shares the optical head (as in the reference code)
+    while 1- or 2-channel SAR gets its own.
     """
 
-    def __init__(self, dim: int, depth: int, num_heads: int, grid: int, patch_size: int,
-                 channels: dict[str, int]) -> None:
+    def __init__(self, dim: int, depth: int, num_heads: int, grid: int, outputs: dict[str, int]) -> None:
         super().__init__()
-        self.channels = dict(channels)
+        self.outputs = dict(outputs)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_2d(dim, grid).unsqueeze(0), persistent=False)
         self.blocks = nn.ModuleList(Block(dim, num_heads, 4.0) for _ in range(depth))
         self.norm = layer_norm(dim)
-        self.heads = nn.ModuleDict({
-            str(c): nn.Linear(dim, patch_size * patch_size * c) for c in sorted(set(channels.values()))
-        })
+        self.heads = nn.ModuleDict({str(k): nn.Linear(dim, k) for k in sorted(set(outputs.values()))})
         self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, inputs: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-        """``inputs[m] = (visible tokens (B, L, D), ids_restore (B, N))`` -> predicted patches (B, N, P*P*C).
+        """``inputs[m] = (visible tokens (B, L, D), ids_restore (B, N))`` -> predictions (B, N, outputs[m]).
 
         All modalities run through the blocks as one batch.
         """
@@ -56,7 +55,7 @@ class MaskedDecoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
-        return {m: self.heads[str(self.channels[m])](part) for m, part in zip(names, x.split(sizes))}
+        return {m: self.heads[str(self.outputs[m])](part) for m, part in zip(names, x.split(sizes))}
 
     def _unshuffle(self, visible: Tensor, ids_restore: Tensor) -> Tensor:
         b, n = ids_restore.shape

@@ -93,6 +93,7 @@ class HiViT(Backbone):
         c0 = embed_dim // 4
         self.embed_dim = embed_dim
         self.num_attention_blocks = depth
+        self.num_heads = num_heads
         pyramid_dim = pyramid_dim or embed_dim // 2
         self.level_dims = [pyramid_dim, 4 * pyramid_dim, 16 * pyramid_dim]
         self.level_grids = [1, 2, 4]

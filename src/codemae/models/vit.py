@@ -30,6 +30,7 @@ class ViT(Backbone):
         super().__init__(img_size, patch_size, channels, embed_dim)
         self.embed_dim = embed_dim
         self.num_attention_blocks = depth
+        self.num_heads = num_heads
         self.level_dims = [embed_dim]
         self.level_grids = [1]
         self.patch_embed = nn.ModuleDict({

@@ -25,6 +25,7 @@ from codemae.config import Config, to_dict
 from codemae.data.pipeline import build_dataset, build_loader
 from codemae.errors import ConfigError, TrainingError
 from codemae.methods import build_method
+from codemae.models.teacher import build_teacher
 from codemae.train.checkpoint import load_checkpoint, save_atomic
 from codemae.train.distributed import DistInfo, all_reduce_mean, init_distributed, params_in_sync, shutdown
 from codemae.train.metrics import MetricsLog, plot_losses
@@ -71,6 +72,22 @@ def setup_logging(run_dir: Path, info: DistInfo) -> None:
         log.addHandler(handler)
 
 
+def attach_teacher(method: torch.nn.Module, cfg: Config, device: torch.device) -> None:
+    """Give OKD its targets: cached features (read by the data pipeline) or a live frozen teacher."""
+    okd, teacher_cfg = cfg.method.okd, cfg.method.teacher
+    if not okd:
+        log.info("OKD off")
+    elif teacher_cfg.cache:
+        log.info("OKD targets read from the teacher cache %s", teacher_cfg.cache)
+    else:
+        teacher = build_teacher(teacher_cfg)
+        if teacher is None:
+            raise ConfigError("config key 'method.teacher.kind': method.okd is on but no teacher (kind none) "
+                              "and no teacher cache is set")
+        method.attach_teacher(teacher.to(device))
+        log.info("OKD teacher: %s from %s (%d-d features, live)", teacher_cfg.kind, teacher_cfg.path, teacher.dim)
+
+
 def step_seed(seed: int, micro_step: int, rank: int) -> int:
     return ((seed * 1_000_003 + micro_step) * 1_009 + rank) % (2**63 - 1)
 
@@ -83,6 +100,7 @@ class Trainer:
             log.warning("bf16 autocast on a CPU without bf16 hardware is very slow; use precision=fp32")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.method = build_method(cfg).to(info.device)
+        attach_teacher(self.method, cfg, info.device)
         dataset = build_dataset(cfg, run_dir, write_stats=info.is_main)
         self.loader = build_loader(cfg, dataset, info.world_size, info.rank)
         self.sampler = self.loader.batch_sampler

@@ -1,0 +1,123 @@
+"""CoDe-MAE: the joint MAE plus OKD, CCL and CDR (SPEC section 1).
+
+All three act on the decoder-embedded visible tokens of the joint MAE:
+- OKD distils a frozen teacher's (parameter-free layer-normed) patch features onto
+  the visible optical tokens: a main branch from the decoder-embedded tokens and
+  an auxiliary branch from the encoder at 3/4 depth through two extra blocks.
+- CCL conditions each modality on the other with a residual cross-attention
+  (no MLP, no output norm), mean-pools, and applies a symmetric InfoNCE with
+  negatives from all processes. The ablation spaces (vanilla, linear, MLP) pool
+  the raw tokens instead.
+- CDR reconstructs a degraded optical target (grayscale by default) from the SAR
+  tokens with its own decoder (and, ``both``, the SAR channel mean from optical).
+On unpaired batches CCL and CDR are computed and multiplied by 0, so every
+parameter still receives a gradient and distributed training stays in step.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from codemae.config import MethodConfig
+from codemae.errors import ConfigError
+from codemae.losses import masked_mean, patch_errors, patchify, symmetric_info_nce
+from codemae.methods.cdr_targets import CDR_TARGETS
+from codemae.methods.mae import JointMAE, Visible
+from codemae.models.attention import Block, CrossAttentionResidual, Mlp, layer_norm
+from codemae.models.backbone import Backbone, PerModalityBackbones, gather_tokens
+from codemae.models.decoder import MaskedDecoder
+from codemae.models.teacher import Teacher, to_student_grid
+
+
+class CoDeMAE(JointMAE):
+    def __init__(self, encoder: Backbone | PerModalityBackbones, cfg: MethodConfig) -> None:
+        super().__init__(encoder, cfg)
+        dim, heads = cfg.decoder_dim, cfg.decoder_heads
+        self._teacher: list[Teacher] = []  # a list keeps the frozen teacher out of the state dict
+        self.aux_block = -1
+        if cfg.okd:
+            depth = encoder.num_attention_blocks
+            self.aux_block = cfg.okd_aux_block if cfg.okd_aux_block is not None else (3 * depth) // 4 - 1
+            if not 0 <= self.aux_block < depth:
+                raise ConfigError(f"config key 'method.okd_aux_block': {self.aux_block} is not a block of 0..{depth - 1}")
+            width = encoder.embed_dim
+            self.okd_main = nn.Sequential(layer_norm(dim), nn.Linear(dim, cfg.teacher.dim))
+            self.okd_aux = nn.Sequential(
+                *(Block(width, encoder.num_heads) for _ in range(cfg.okd_aux_depth)),
+                layer_norm(width), nn.Linear(width, cfg.teacher.dim),
+            )
+        if cfg.ccl == "cross_attention":
+            self.ccl_heads = nn.ModuleDict({m: CrossAttentionResidual(dim, heads) for m in ("opt", "sar")})
+        elif cfg.ccl == "linear":
+            self.ccl_heads = nn.ModuleDict({m: nn.Linear(dim, dim) for m in ("opt", "sar")})
+        elif cfg.ccl == "mlp":
+            self.ccl_heads = nn.ModuleDict({m: Mlp(dim, 4 * dim) for m in ("opt", "sar")})
+        if cfg.cdr:
+            self.cdr_target = CDR_TARGETS[cfg.cdr_target]
+            p = encoder.patch_size
+            outputs = {"sar": self.cdr_target.length(p)}
+            if cfg.cdr_direction == "both":
+                outputs["opt"] = p * p
+            self.cdr_decoder = MaskedDecoder(dim, cfg.cdr_depth or cfg.decoder_depth, heads, encoder.grid, outputs)
+
+    def attach_teacher(self, teacher: Teacher | None) -> None:
+        """Use ``teacher`` for OKD targets of batches that carry no cached features."""
+        self._teacher = [teacher] if teacher is not None else []
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        images = self.images(batch)
+        visible = self.embed_visible(images, (self.aux_block,) if self.cfg.okd else ())
+        w = self.cfg.weights
+        terms = {"recon": w.recon * self.reconstruction(images, visible)}
+        both = "opt" in images and "sar" in images
+        paired = 1.0 if batch.get("paired") else 0.0
+        if self.cfg.okd and "opt" in images:
+            terms["okd"] = w.okd * self.distillation(batch, visible["opt"])
+        if self.cfg.ccl != "none" and both:
+            terms["ccl"] = w.ccl * paired * self.contrastive(visible)
+        if self.cfg.cdr and both:
+            terms["cdr"] = w.cdr * paired * self.degraded_reconstruction(images, visible)
+        return terms
+
+    def distillation(self, batch: dict, opt: Visible) -> Tensor:
+        """SmoothL1 of both student branches against LN(teacher patch tokens) at visible positions."""
+        grid = self.encoder.grid
+        target = batch.get("teacher_opt")
+        if target is None:
+            if not self._teacher:
+                raise ConfigError("method.okd is on but there is no teacher: set method.teacher.kind and path, "
+                                  "or method.teacher.cache")
+            unit = batch["opt"] * batch["opt_std"][:, :, None, None] + batch["opt_mean"][:, :, None, None]
+            target = to_student_grid(self._teacher[0](unit), grid)
+        target = gather_tokens(F.layer_norm(target.float(), target.shape[-1:]), opt.mask.ids_keep)
+        main = F.smooth_l1_loss(self.okd_main(opt.tokens), target, beta=1.0)
+        aux = F.smooth_l1_loss(self.okd_aux(opt.hidden[self.aux_block]), target, beta=1.0)
+        return main + aux
+
+    def contrastive(self, visible: dict[str, Visible]) -> Tensor:
+        """Symmetric InfoNCE between the pooled optical and SAR embeddings of each pair."""
+        opt, sar = visible["opt"].tokens, visible["sar"].tokens
+        if self.cfg.ccl == "cross_attention":
+            a = self.ccl_heads["opt"](opt, sar).mean(1)
+            b = self.ccl_heads["sar"](sar, opt).mean(1)
+        elif self.cfg.ccl == "vanilla":
+            a, b = opt.mean(1), sar.mean(1)
+        else:
+            a, b = self.ccl_heads["opt"](opt.mean(1)), self.ccl_heads["sar"](sar.mean(1))
+        return symmetric_info_nce(a, b, self.cfg.ccl_temperature)
+
+    def degraded_reconstruction(self, images: dict[str, Tensor], visible: dict[str, Visible]) -> Tensor:
+        """MSE on masked patches of the degraded optical target predicted from SAR tokens
+        (plus, ``both``, the SAR channel mean predicted from optical tokens)."""
+        p = self.encoder.patch_size
+        inputs = {m: (visible[m].tokens, visible[m].mask.ids_restore) for m in self.cdr_decoder.outputs}
+        preds = self.cdr_decoder(inputs)
+        errors = [patch_errors(preds["sar"], self.cdr_target.compute(images["opt"], p), self.cdr_target.norm_pix)]
+        masks = [visible["sar"].mask.mask]
+        if "opt" in preds:
+            sar_mean = patchify(images["sar"].mean(1, keepdim=True), p)
+            errors.append(patch_errors(preds["opt"], sar_mean, self.cfg.norm_pix_loss))
+            masks.append(visible["opt"].mask.mask)
+        return masked_mean(errors, masks)
+
