@@ -249,6 +249,9 @@ def validate(cfg: Config) -> None:
         _require(ok, key, "must be [low, high] with 0 < low <= high" + (" <= 1" if upper else ""), pair)
     _require(cfg.method.ccl_temperature > 0, "method.ccl_temperature", "must be positive", cfg.method.ccl_temperature)
     _require(cfg.method.okd_aux_depth >= 0, "method.okd_aux_depth", "must be >= 0", cfg.method.okd_aux_depth)
+    extras = [k for k, on in (("okd", cfg.method.okd), ("ccl", cfg.method.ccl != "none"), ("cdr", cfg.method.cdr)) if on]
+    _require(cfg.method.name == "codemae" or not extras, "method.name", f"{'/'.join(extras)} need 'codemae'",
+             cfg.method.name)
     betas = cfg.train.betas
     _require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "train.betas", "must be two values in [0, 1)", betas)
     for i, source in enumerate(cfg.data.sources):
