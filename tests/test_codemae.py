@@ -318,3 +318,16 @@ def test_teacher_cache_cli_then_pretraining_reads_it(tmp_path):
     (pairs / "sar" / "t7.png").unlink()
     with pytest.raises(DataError, match="other samples"):
         build_dataset(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_rigid_alignment_baseline_uses_raw_encoder_embeddings(tmp_path, head):
+    model = make(tmp_path, okd=False, cdr=False, ccl=head, ccl_input="encoder")
+    first = model.ccl_heads["opt"] if head == "linear" else model.ccl_heads["opt"].fc1
+    assert first.in_features == model.encoder.embed_dim
+    b = batch()
+    torch.manual_seed(1)
+    vis = model.embed_visible(model.images(b))
+    expected = symmetric_info_nce(model.ccl_heads["opt"](vis["opt"].features.mean(1)),
+                                  model.ccl_heads["sar"](vis["sar"].features.mean(1)), 0.07)
+    torch.testing.assert_close(run(model, b)["ccl"], expected)

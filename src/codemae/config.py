@@ -132,8 +132,9 @@ class MethodConfig:
     """The pretraining method. ``mae`` is the joint-MAE baseline; ``codemae`` adds the
     switches below (each off reproduces the corresponding ablation row)."""
 
-    name: Literal["mae", "codemae"] = "mae"
+    name: Literal["mae", "codemae", "fusmae"] = "mae"
     mask_ratio: float = 0.75
+    sar_mask_ratio: Optional[float] = None  # independent masking only; None: mask_ratio
     masking: Literal["consistent", "independent"] = "consistent"
     encoder: Literal["shared", "independent"] = "shared"
     decoder: Literal["shared", "independent"] = "shared"
@@ -147,11 +148,18 @@ class MethodConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     ccl: Literal["none", "vanilla", "linear", "mlp", "cross_attention"] = "none"
     ccl_temperature: float = 0.07
+    ccl_input: Literal["decoder", "encoder"] = "decoder"  # encoder: rigid alignment on raw encoder embeddings
     cdr: bool = False
     cdr_direction: Literal["sar_to_opt", "both"] = "sar_to_opt"
     cdr_target: Literal["gray", "rgb", "spatial", "hog", "mgf"] = "gray"
     cdr_depth: Optional[int] = None
     weights: LossWeights = field(default_factory=LossWeights)
+    fusion: Literal["xad", "xaed"] = "xaed"
+
+    @property
+    def mask_ratios(self) -> dict[str, float]:
+        sar = self.mask_ratio if self.sar_mask_ratio is None else self.sar_mask_ratio
+        return {"opt": self.mask_ratio, "sar": sar}
 
 
 @dataclass
@@ -237,7 +245,10 @@ def validate(cfg: Config) -> None:
     }
     for key, value in positive.items():
         _require(value > 0, key, "must be positive", value)
-    _require(0.0 <= cfg.method.mask_ratio < 1.0, "method.mask_ratio", "must be in [0, 1)", cfg.method.mask_ratio)
+    for key, ratio in (("mask_ratio", cfg.method.mask_ratio), ("sar_mask_ratio", cfg.method.sar_mask_ratio)):
+        _require(ratio is None or 0.0 <= ratio < 1.0, f"method.{key}", "must be in [0, 1)", ratio)
+    _require(cfg.method.sar_mask_ratio is None or cfg.method.masking == "independent", "method.sar_mask_ratio",
+             "needs method.masking=independent", cfg.method.sar_mask_ratio)
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0", cfg.data.num_workers)
     _require(cfg.train.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0", cfg.train.warmup_epochs)
     _require(cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps", "must be positive",
@@ -252,6 +263,9 @@ def validate(cfg: Config) -> None:
     extras = [k for k, on in (("okd", cfg.method.okd), ("ccl", cfg.method.ccl != "none"), ("cdr", cfg.method.cdr)) if on]
     _require(cfg.method.name == "codemae" or not extras, "method.name", f"{'/'.join(extras)} need 'codemae'",
              cfg.method.name)
+    unpaired = [s.name or s.root for s in cfg.data.sources if s.kind in ("opt", "sar")]
+    _require(cfg.method.name != "fusmae" or not unpaired, "data.sources",
+             "Fus-MAE fuses the two images of a pair and needs paired sources only; unpaired", unpaired)
     betas = cfg.train.betas
     _require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "train.betas", "must be two values in [0, 1)", betas)
     for i, source in enumerate(cfg.data.sources):

@@ -42,11 +42,15 @@ def random_mask(batch: int, num_patches: int, ratio: float, device: torch.device
     return Mask(ids_shuffle[:, :keep], ids_restore, torch.gather(mask, 1, ids_restore))
 
 
-def modality_masks(modalities: list[str], batch: int, num_patches: int, ratio: float,
+def modality_masks(modalities: list[str], batch: int, num_patches: int, ratios: float | dict[str, float],
                    mode: Literal["consistent", "independent"], device: torch.device | str = "cpu",
                    generator: torch.Generator | None = None) -> dict[str, Mask]:
-    """One mask per modality: the same object for all (consistent) or drawn separately (independent)."""
+    """One mask per modality: the same object for all (consistent) or drawn separately
+    (independent, where each modality may have its own ratio and so its own visible count)."""
+    ratio_of = ratios if isinstance(ratios, dict) else dict.fromkeys(modalities, ratios)
     if mode == "consistent":
-        shared = random_mask(batch, num_patches, ratio, device, generator)
+        if len({ratio_of[m] for m in modalities}) > 1:
+            raise ValueError("consistent masking needs one mask ratio for all modalities")
+        shared = random_mask(batch, num_patches, ratio_of[modalities[0]], device, generator)
         return {m: shared for m in modalities}
-    return {m: random_mask(batch, num_patches, ratio, device, generator) for m in modalities}
+    return {m: random_mask(batch, num_patches, ratio_of[m], device, generator) for m in modalities}

@@ -8,10 +8,11 @@ from codemae.config import Config, from_dict, validate
 from codemae.errors import DataError
 from codemae.methods.base import PretrainMethod
 from codemae.methods.codemae import CoDeMAE
+from codemae.methods.fusmae import FusMAE
 from codemae.methods.mae import JointMAE
 from codemae.models.build import build_encoder
 
-METHODS = {"mae": JointMAE, "codemae": CoDeMAE}
+METHODS = {"mae": JointMAE, "codemae": CoDeMAE, "fusmae": FusMAE}
 
 
 def build_method(cfg: Config) -> PretrainMethod:

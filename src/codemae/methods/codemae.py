@@ -47,12 +47,13 @@ class CoDeMAE(JointMAE):
                 *(Block(width, encoder.num_heads) for _ in range(cfg.okd_aux_depth)),
                 layer_norm(width), nn.Linear(width, cfg.teacher.dim),
             )
+        width = dim if cfg.ccl_input == "decoder" else encoder.embed_dim
         if cfg.ccl == "cross_attention":
-            self.ccl_heads = nn.ModuleDict({m: CrossAttentionResidual(dim, heads) for m in ("opt", "sar")})
+            self.ccl_heads = nn.ModuleDict({m: CrossAttentionResidual(width, heads) for m in ("opt", "sar")})
         elif cfg.ccl == "linear":
-            self.ccl_heads = nn.ModuleDict({m: nn.Linear(dim, dim) for m in ("opt", "sar")})
+            self.ccl_heads = nn.ModuleDict({m: nn.Linear(width, width) for m in ("opt", "sar")})
         elif cfg.ccl == "mlp":
-            self.ccl_heads = nn.ModuleDict({m: Mlp(dim, 4 * dim) for m in ("opt", "sar")})
+            self.ccl_heads = nn.ModuleDict({m: Mlp(width, 4 * width) for m in ("opt", "sar")})
         if cfg.cdr:
             self.cdr_target = CDR_TARGETS[cfg.cdr_target]
             p = encoder.patch_size
@@ -96,8 +97,12 @@ class CoDeMAE(JointMAE):
         return main + aux
 
     def contrastive(self, visible: dict[str, Visible]) -> Tensor:
-        """Symmetric InfoNCE between the pooled optical and SAR embeddings of each pair."""
-        opt, sar = visible["opt"].tokens, visible["sar"].tokens
+        """Symmetric InfoNCE between the pooled optical and SAR embeddings of each pair, taken from
+        the decoder-embedded tokens (CoDe-MAE) or the raw encoder tokens (rigid-alignment baselines)."""
+        if self.cfg.ccl_input == "decoder":
+            opt, sar = visible["opt"].tokens, visible["sar"].tokens
+        else:
+            opt, sar = visible["opt"].features, visible["sar"].features
         if self.cfg.ccl == "cross_attention":
             a = self.ccl_heads["opt"](opt, sar).mean(1)
             b = self.ccl_heads["sar"](sar, opt).mean(1)

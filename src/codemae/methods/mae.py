@@ -19,11 +19,13 @@ class Visible:
     """One modality after masking and encoding.
 
     ``tokens``: decoder-embedded visible tokens (B, L, decoder_dim), the input of
-    every decoder and auxiliary loss; ``hidden``: requested encoder block outputs.
+    every decoder and auxiliary loss; ``features``: the encoder's final tokens
+    (B, L, embed_dim); ``hidden``: requested encoder block outputs.
     """
 
     mask: Mask
     tokens: Tensor
+    features: Tensor
     hidden: dict[int, Tensor]
 
 
@@ -58,10 +60,13 @@ class JointMAE(PretrainMethod):
         first = next(iter(images.values()))
         p = self.encoder.patch_size
         num_patches = (first.shape[-2] // p) * (first.shape[-1] // p)
-        masks = modality_masks(list(images), first.shape[0], num_patches, self.cfg.mask_ratio,
+        masks = modality_masks(list(images), first.shape[0], num_patches, self.cfg.mask_ratios,
                                self.cfg.masking, first.device)
         encoded = self.encoder(images, {m: masks[m].ids_keep for m in images}, return_blocks)
-        return {m: Visible(masks[m], self.decoder_embed(encoded[m].levels), encoded[m].hidden) for m in images}
+        return {
+            m: Visible(masks[m], self.decoder_embed(encoded[m].levels), encoded[m].tokens, encoded[m].hidden)
+            for m in images
+        }
 
     def reconstruction(self, images: dict[str, Tensor], visible: dict[str, Visible]) -> Tensor:
         """Norm-pix MSE on masked patches, pooled over all modalities' masked patches."""

@@ -44,8 +44,12 @@ class ViT(Backbone):
     def embed(self, image: Tensor, modality: str) -> Tensor:
         return self.patch_embed[modality](image).flatten(2).transpose(1, 2)
 
+    def prepare(self, tokens: Tensor, ids_keep: Tensor | None) -> Tensor:
+        """Embedded tokens (B, N, D) -> kept tokens with their position embedding (B, L, D)."""
+        return gather_tokens(tokens, ids_keep) + self.pos_for(tokens.shape[1], ids_keep, tokens.shape[0])
+
     def trunk(self, tokens: Tensor, ids_keep: Tensor | None, return_blocks: tuple[int, ...] = ()) -> EncoderOutput:
-        x = gather_tokens(tokens, ids_keep) + self.pos_for(tokens.shape[1], ids_keep, tokens.shape[0])
+        x = self.prepare(tokens, ids_keep)
         x, hidden = self.run_blocks(x, return_blocks)
         x = self.norm(x)
         return EncoderOutput(x, [x], hidden)
