@@ -63,6 +63,76 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def labelled_data(args: argparse.Namespace, channels: dict[str, int]):
+    """The labelled set named by --data (a class-folder tree, a paired folder with --labels, or 'synthetic')."""
+    from codemae.eval.data import class_folders, paired_with_labels, synthetic_scenes
+
+    if args.data == "synthetic":
+        return synthetic_scenes(args.synthetic_n, args.synthetic_size, 100_000, channels, args.multilabel)
+    if args.labels:
+        return paired_with_labels(args.data, args.labels, channels)
+    if args.modality == "both":
+        from codemae.errors import ConfigError
+        raise ConfigError("--modality both needs paired data: give --labels with a paired folder, or --data synthetic")
+    return class_folders(args.data, args.modality, channels)
+
+
+def evaluation_setup(args: argparse.Namespace):
+    from codemae.eval.features import load_encoder
+
+    method, _ = load_encoder(args.checkpoint, args.random)
+    return method, labelled_data(args, method.encoder.channels)
+
+
+def seeds_of(args: argparse.Namespace) -> list[int]:
+    return list(range(args.seeds))
+
+
+def finish(title: str, result: dict, args: argparse.Namespace) -> int:
+    from codemae.eval.report import print_table, write_json
+
+    print_table(title, result["summary"], args.seeds)
+    write_json(args.out, {"command": sys.argv[1:], **result})
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from codemae.eval.protocols import run_probe
+
+    method, data = evaluation_setup(args)
+    result = run_probe(method, data, args.modality, args.shots, args.kshot, seeds_of(args), args.centre_crop,
+                       args.epochs)
+    shots = f"{args.shots}-shot ({args.kshot})" if args.shots > 0 else "full pool"
+    title = (f"linear probe, {args.modality}, {shots}, {result['metric']} %, train {result['train_size']} / "
+             f"val {result['val_size']} / test {result['test_size']}")
+    return finish(title, result, args)
+
+
+def cmd_knn(args: argparse.Namespace) -> int:
+    from codemae.eval.protocols import run_knn
+
+    method, data = evaluation_setup(args)
+    result = run_knn(method, data, args.modality, args.shots, args.kshot, seeds_of(args), args.k, args.centre_crop)
+    return finish(f"k-NN, {args.modality}, test {result['test_size']}", result, args)
+
+
+def cmd_retrieval(args: argparse.Namespace) -> int:
+    from codemae.eval.features import load_encoder
+    from codemae.eval.protocols import run_retrieval
+    from codemae.eval.report import write_json
+    from codemae.eval.retrieval import random_expectation
+
+    method, _ = load_encoder(args.checkpoint, args.random)
+    result = run_retrieval(method, args.pairs, args.split, method.encoder.channels)
+    chance = random_expectation(result["pairs"])
+    print(f"cross-modal retrieval on {result['pairs']} pairs (chance: R@1 {chance['R@1']:.2f}, "
+          f"R@5 {chance['R@5']:.2f}, median rank {chance['median rank']:.1f})")
+    for key, value in result["metrics"].items():
+        print(f"  {key:<22} {value:8.2f}")
+    write_json(args.out, {"command": sys.argv[1:], **result, "chance": chance})
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from codemae.bench import run_bench
 
@@ -104,6 +174,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.teacher.cache=/data/cache")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=cmd_teacher_cache)
+
+    def encoder_args(p: argparse.ArgumentParser) -> None:
+        group = p.add_mutually_exclusive_group(required=True)
+        group.add_argument("--checkpoint", help="any codemae checkpoint (its config comes with it)")
+        group.add_argument("--random", metavar="CONFIG", help="a randomly initialised encoder of this config (the floor)")
+        p.add_argument("--out", help="write the results as JSON here")
+
+    def labelled_args(p: argparse.ArgumentParser) -> None:
+        encoder_args(p)
+        p.add_argument("--data", required=True,
+                       help="class-folder tree (<class>/<image>), a paired folder with --labels, or 'synthetic'")
+        p.add_argument("--labels", help="CSV stem,label (';'-separated labels: multi-label) for a paired folder")
+        p.add_argument("--modality", choices=["opt", "sar", "both"], default="opt")
+        p.add_argument("--shots", type=int, default=10, help="K-shot training set (0: the whole training pool)")
+        p.add_argument("--kshot", choices=["balanced", "random"], default="balanced",
+                       help="K per class, or K x classes at random (the reference code's 'K-shot')")
+        p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1, each with its own K-shot draw")
+        p.add_argument("--centre-crop", type=int, help="centre-crop to this many pixels before resizing")
+        p.add_argument("--synthetic-n", type=int, default=400, help="scenes for --data synthetic")
+        p.add_argument("--synthetic-size", type=int, default=96)
+        p.add_argument("--multilabel", action="store_true",
+                       help="synthetic: classes covering >= 10%% of pixels instead of the dominant class")
+
+    p = sub.add_parser("probe", help="linear probe on frozen features (honest and reference protocols)",
+                       description="The paper's linear probe: frozen encoder, mean-pooled tokens, LN -> "
+                                   "BatchNorm1d (no affine) -> Linear, SGD lr 0.5, 50 epochs, cosine. Reports the "
+                                   "honest protocol (epoch chosen on validation, test evaluated once) and the "
+                                   "reference one (best test epoch), mean +- std over seeds.")
+    labelled_args(p)
+    p.add_argument("--epochs", type=int, default=50)
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("knn", help="k-NN accuracy on frozen features")
+    labelled_args(p)
+    p.add_argument("--k", type=int, default=20)
+    p.set_defaults(func=cmd_knn)
+
+    p = sub.add_parser("retrieval", help="cross-modal retrieval optical<->SAR on co-registered pairs",
+                       description="R@1, R@5 and median rank, optical->SAR and SAR->optical, each modality "
+                                   "encoded on its own and mean-pooled.")
+    encoder_args(p)
+    p.add_argument("--pairs", required=True, help="paired folder (opt/, sar/, optional tiles.csv)")
+    p.add_argument("--split", help="only this split of the pairs' split CSV")
+    p.set_defaults(func=cmd_retrieval)
 
     p = sub.add_parser("bench", help="training throughput, step time, memory and FLOP/s utilisation",
                        description="Times joint-MAE training steps on random data and compares the "

@@ -12,10 +12,11 @@ from codemae.data.transforms import Normalisation
 from codemae.errors import DataError
 
 
-def compute_stats(source: Source, max_samples: int) -> dict[str, Normalisation]:
-    """Per-channel mean and std over up to ``max_samples`` evenly spaced samples."""
-    n = len(source)
-    picks = np.unique(np.linspace(0, n - 1, num=min(n, max_samples)).round().astype(int))
+def compute_stats(source: Source, max_samples: int, indices: np.ndarray | None = None) -> dict[str, Normalisation]:
+    """Per-channel mean and std over up to ``max_samples`` evenly spaced samples (of ``indices``, if given)."""
+    pool = np.arange(len(source)) if indices is None else np.asarray(indices)
+    n = len(pool)
+    picks = pool[np.unique(np.linspace(0, n - 1, num=min(n, max_samples)).round().astype(int))]
     sums: dict[str, np.ndarray] = {}
     squares: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}

@@ -1,0 +1,1 @@
+"""Downstream protocols on frozen or fine-tuned encoders of any method's checkpoint."""

@@ -1,0 +1,53 @@
+"""Encoders to evaluate (any method's checkpoint, or a random initialisation) and frozen features."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from codemae.config import Config, load_config
+from codemae.data.stats import compute_stats
+from codemae.data.transforms import Normalisation
+from codemae.errors import ConfigError
+from codemae.eval.data import EvalImages, LabelledSet
+from codemae.methods import PretrainMethod, build_method, load_method
+
+MODALITY_SETS = {"opt": ("opt",), "sar": ("sar",), "both": ("opt", "sar")}
+
+
+def load_encoder(checkpoint: str | None, random_config: str | None = None, seed: int = 0
+                 ) -> tuple[PretrainMethod, Config | None]:
+    """A trained method from ``checkpoint``, or (``random_config``) the configured one freshly
+    initialised: the floor every result is compared with."""
+    if (checkpoint is None) == (random_config is None):
+        raise ConfigError("give exactly one of --checkpoint and --random CONFIG")
+    if checkpoint is not None:
+        return load_method(checkpoint), None
+    cfg = load_config(random_config)
+    torch.manual_seed(seed)
+    return build_method(cfg).eval(), cfg
+
+
+def input_size(method: PretrainMethod) -> int:
+    return method.encoder.img_size
+
+
+def eval_norms(data: LabelledSet, modalities: tuple[str, ...], indices: np.ndarray) -> dict[str, Normalisation]:
+    """Downstream normalisation: statistics of the training pool, not of the pretraining data."""
+    stats = compute_stats(data.source, 256, indices)
+    return {m: stats[m] for m in modalities}
+
+
+@torch.no_grad()
+def extract_features(method: PretrainMethod, images: EvalImages, batch_size: int = 64, workers: int = 0,
+                     device: str | torch.device = "cpu") -> Tensor:
+    """Mean-pooled final tokens per sample; with both modalities, optical then SAR concatenated."""
+    method.eval().to(device)
+    loader = DataLoader(images, batch_size=batch_size, num_workers=workers)
+    feats = []
+    for batch in loader:
+        tokens = method.encode({m: batch[m].to(device) for m in images.modalities})
+        feats.append(torch.cat([tokens[m].mean(1) for m in images.modalities], dim=-1).cpu())
+    return torch.cat(feats)
