@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -80,7 +81,7 @@ def labelled_data(args: argparse.Namespace, channels: dict[str, int]):
 def evaluation_setup(args: argparse.Namespace):
     from codemae.eval.features import load_encoder
 
-    method, _ = load_encoder(args.checkpoint, args.random)
+    method = load_encoder(args.checkpoint, args.random)
     return method, labelled_data(args, method.encoder.channels)
 
 
@@ -116,13 +117,51 @@ def cmd_knn(args: argparse.Namespace) -> int:
     return finish(f"k-NN, {args.modality}, test {result['test_size']}", result, args)
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from codemae.eval.features import load_encoder
+    from codemae.eval.finetune import PROTOCOLS, run_finetune
+
+    protocol = PROTOCOLS[args.protocol]
+    if args.epochs:
+        protocol = dataclasses.replace(protocol, epochs=args.epochs)
+    load = lambda: load_encoder(args.checkpoint, args.random, drop_path=protocol.drop_path)  # noqa: E731
+    data = labelled_data(args, load().encoder.channels)
+    result = run_finetune(load, data, args.modality, args.shots, args.kshot, seeds_of(args), protocol)
+    title = (f"fine-tuning ({args.protocol}), {args.modality}, {args.shots}-shot ({args.kshot}), "
+             f"{protocol.epochs} epochs, train {result['train_size']} / test {result['test_size']}")
+    return finish(title, result, args)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from codemae.config import ScalingConfig
+    from codemae.eval.features import load_encoder
+    from codemae.eval.segmentation import run_segmentation, scene_tiles, synthetic_segmentation
+
+    load = lambda: load_encoder(args.checkpoint, args.random)  # noqa: E731
+    method = load()
+    size = method.encoder.img_size
+    if args.scene:
+        opt, sar, mask = args.scene
+        scaling = {"opt": ScalingConfig(max_value=args.opt_max), "sar": ScalingConfig(mode="db", db_range=args.sar_db)}
+        data = scene_tiles({"opt": opt, "sar": sar}, mask, args.tile or size, method.encoder.channels,
+                           {"opt": args.opt_bands, "sar": args.sar_bands}, scaling, args.nodata)
+    else:
+        data = synthetic_segmentation(args.synthetic_n, size, 200_000, method.encoder.channels)
+    result = run_segmentation(load, data, args.modality, args.finetune_encoder, args.epochs, seeds_of(args),
+                              args.train_fraction)
+    mode = "fine-tuned" if args.finetune_encoder else "frozen"
+    title = (f"segmentation, {args.modality}, {mode} encoder, {args.epochs} epochs, train {result['train_tiles']} / "
+             f"test {result['test_tiles']} tiles, classes {', '.join(result['classes'])}")
+    return finish(title, result, args)
+
+
 def cmd_retrieval(args: argparse.Namespace) -> int:
     from codemae.eval.features import load_encoder
     from codemae.eval.protocols import run_retrieval
     from codemae.eval.report import write_json
     from codemae.eval.retrieval import random_expectation
 
-    method, _ = load_encoder(args.checkpoint, args.random)
+    method = load_encoder(args.checkpoint, args.random)
     result = run_retrieval(method, args.pairs, args.split, method.encoder.channels)
     chance = random_expectation(result["pairs"])
     print(f"cross-modal retrieval on {result['pairs']} pairs (chance: R@1 {chance['R@1']:.2f}, "
@@ -210,6 +249,34 @@ def build_parser() -> argparse.ArgumentParser:
     labelled_args(p)
     p.add_argument("--k", type=int, default=20)
     p.set_defaults(func=cmd_knn)
+
+    p = sub.add_parser("finetune", help="few-shot fine-tuning of the whole encoder (SAR target / optical scene)",
+                       description="Fine-tunes encoder + BatchNorm + linear head per seed on its own K-shot draw "
+                                   "(AdamW, layer-wise lr decay, drop path); test accuracy after the last epoch.")
+    labelled_args(p)
+    p.add_argument("--protocol", choices=["sar-target", "optical-scene"], default="sar-target")
+    p.add_argument("--epochs", type=int, help="override the protocol's epochs (for quick checks)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("segment", help="segmentation with a UperNet-style head on the feature pyramid (mIoU)",
+                       description="Trains a light UperNet-style head on the encoder's pyramid levels (frozen, or "
+                                   "fine-tuned with --finetune-encoder) on synthetic scenes or on the tiles of one "
+                                   "co-registered scene (top part train, bottom part test); mIoU ignores no-data.")
+    encoder_args(p)
+    p.add_argument("--scene", nargs=3, metavar=("OPT", "SAR", "MASK"), help="one scene's files (default: synthetic)")
+    p.add_argument("--modality", choices=["opt", "sar", "both"], default="both")
+    p.add_argument("--tile", type=int, help="tile size in pixels (default: the model's input size)")
+    p.add_argument("--opt-bands", type=int, nargs="+", help="optical band indices, e.g. 3 2 1 for S2 RGB")
+    p.add_argument("--sar-bands", type=int, nargs="+", help="SAR band indices, e.g. 1 for VH")
+    p.add_argument("--opt-max", type=float, default=10000.0, help="integer optical values / this -> [0, 1]")
+    p.add_argument("--sar-db", type=float, nargs=2, default=[-25.0, 0.0], metavar=("LO", "HI"))
+    p.add_argument("--nodata", type=int, default=-1, help="label value to ignore")
+    p.add_argument("--finetune-encoder", action="store_true")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--train-fraction", type=float, default=0.5)
+    p.add_argument("--synthetic-n", type=int, default=80)
+    p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("retrieval", help="cross-modal retrieval optical<->SAR on co-registered pairs",
                        description="R@1, R@5 and median rank, optical->SAR and SAR->optical, each modality "

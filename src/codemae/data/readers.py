@@ -98,7 +98,17 @@ def match_channels(array: np.ndarray, channels: int, path: str | Path, key: str)
     raise DataError(f"{path}: has {have} channels but config key '{key}' expects {channels}")
 
 
-def load_unit_image(path: str | Path, scaling: ScalingConfig, channels: int, key: str) -> np.ndarray:
-    """Read, channel-match and scale one file to a float32 (H, W, C) array in [0, 1]."""
-    array = read_image(path)
+def load_unit_image(path: str | Path, scaling: ScalingConfig, channels: int, key: str,
+                    bands: list[int] | None = None) -> np.ndarray:
+    """Read one file and turn it into a float32 (H, W, C) array in [0, 1] (see :func:`unit_array`)."""
+    return unit_array(read_image(path), scaling, channels, path, key, bands)
+
+
+def unit_array(array: np.ndarray, scaling: ScalingConfig, channels: int, path: str | Path, key: str,
+               bands: list[int] | None = None) -> np.ndarray:
+    """Keep ``bands`` (indices, all if None), match ``channels`` and scale to [0, 1]; errors name ``path``."""
+    if bands:
+        if max(bands) >= array.shape[2]:
+            raise DataError(f"{path}: has {array.shape[2]} bands, band index {max(bands)} asked for")
+        array = array[:, :, bands]
     return to_unit_range(match_channels(array, channels, path, key), scaling, path)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from codemae.config import Config, load_config
+from codemae.config import load_config
 from codemae.data.stats import compute_stats
 from codemae.data.transforms import Normalisation
 from codemae.errors import ConfigError
@@ -17,17 +17,17 @@ from codemae.methods import PretrainMethod, build_method, load_method
 MODALITY_SETS = {"opt": ("opt",), "sar": ("sar",), "both": ("opt", "sar")}
 
 
-def load_encoder(checkpoint: str | None, random_config: str | None = None, seed: int = 0
-                 ) -> tuple[PretrainMethod, Config | None]:
+def load_encoder(checkpoint: str | None, random_config: str | None = None, seed: int = 0,
+                 drop_path: float | None = None) -> PretrainMethod:
     """A trained method from ``checkpoint``, or (``random_config``) the configured one freshly
     initialised: the floor every result is compared with."""
     if (checkpoint is None) == (random_config is None):
         raise ConfigError("give exactly one of --checkpoint and --random CONFIG")
     if checkpoint is not None:
-        return load_method(checkpoint), None
-    cfg = load_config(random_config)
+        return load_method(checkpoint, drop_path)
+    cfg = load_config(random_config, [f"model.drop_path={drop_path}"] if drop_path is not None else [])
     torch.manual_seed(seed)
-    return build_method(cfg).eval(), cfg
+    return build_method(cfg).eval()
 
 
 def input_size(method: PretrainMethod) -> int:

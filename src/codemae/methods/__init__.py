@@ -20,11 +20,12 @@ def build_method(cfg: Config) -> PretrainMethod:
     return METHODS[cfg.method.name](build_encoder(cfg.model, cfg.method.encoder), cfg.method)
 
 
-def load_method(checkpoint: str | Path) -> PretrainMethod:
+def load_method(checkpoint: str | Path, drop_path: float | None = None) -> PretrainMethod:
     """Rebuild the method a checkpoint was trained with and load its weights (eval mode).
 
     Evaluation and teachers use this on any method's checkpoint; the config comes
-    from the checkpoint itself and is validated like a user's config.
+    from the checkpoint itself and is validated like a user's config; ``drop_path``
+    overrides its stochastic-depth rate (fine-tuning).
     """
     from codemae.train.checkpoint import load_checkpoint
 
@@ -32,6 +33,8 @@ def load_method(checkpoint: str | Path) -> PretrainMethod:
     if "config" not in state or "model" not in state:
         raise DataError(f"checkpoint {checkpoint} is not a codemae checkpoint (no 'config' or 'model' entry)")
     cfg = from_dict(Config, state["config"])
+    if drop_path is not None:
+        cfg.model.drop_path = drop_path
     validate(cfg)
     method = build_method(cfg)
     try:

@@ -1,0 +1,75 @@
+"""Fine-tuning (layer-wise lr decay, protocol settings) and segmentation (pyramid maps, head, mIoU)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from codemae.cli import main
+from codemae.config import to_dict
+from codemae.eval.finetune import PROTOCOLS, Classifier, layer_decay_groups, layer_id
+from codemae.eval.segmentation import UperHead, level_maps, miou
+from codemae.methods import build_method
+
+from conftest import tiny_config
+
+
+def test_sar_target_protocol_matches_the_spec():
+    p = PROTOCOLS["sar-target"]
+    assert (p.epochs, p.warmup_epochs, p.batch_size, p.base_lr, p.weight_decay) == (60, 2, 50, 1e-3, 0.05)
+    assert (p.layer_decay, p.drop_path, p.augment, p.centre_crop) == (0.85, 0.05, False, 128)
+
+
+def test_layer_ids_and_decayed_learning_rates(tmp_path):
+    method = build_method(tiny_config(tmp_path))  # HiViT with 2 attention blocks
+    model = Classifier(method, ("sar",), 3)
+    assert layer_id("method.encoder.patch_embed.sar.weight", 3) == 0
+    assert layer_id("method.encoder.stage1.0.mlp.fc1.weight", 3) == 0
+    assert layer_id("method.encoder.blocks.1.attn.q.weight", 3) == 2
+    assert layer_id("method.encoder.pyramid.block4.mlp.fc1.weight", 3) == 3
+    assert layer_id("head.weight", 3) == 3
+    groups = layer_decay_groups(model, lr=1.0, weight_decay=0.05, decay=0.5)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert scale_of[id(named["method.encoder.patch_embed.sar.weight"])] == 0.5**3
+    assert scale_of[id(named["method.encoder.blocks.0.attn.q.weight"])] == 0.5**2
+    assert scale_of[id(named["head.weight"])] == 1.0
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert decay_of[id(named["head.bias"])] == 0.0 and decay_of[id(named["head.weight"])] == 0.05
+
+
+def test_level_maps_invert_the_pyramid_layout():
+    grid, s, c = 2, 2, 3
+    image = torch.arange(c * 4 * 4, dtype=torch.float32).reshape(1, c, 4, 4)
+    # the pyramid's layout: per patch (row-major), its s x s sub-tokens (row-major), then channels
+    level = image.reshape(1, c, grid, s, grid, s).permute(0, 2, 4, 3, 5, 1).reshape(1, grid * grid, s * s * c)
+    assert torch.equal(level_maps([level], [s], grid)[0], image)
+
+
+def test_uper_head_shapes_and_miou_by_hand():
+    head = UperHead([16, 8, 4], num_classes=3)
+    out = head([torch.randn(2, 16, 2, 2), torch.randn(2, 8, 4, 4), torch.randn(2, 4, 8, 8)])
+    assert out.shape == (2, 3, 8, 8)
+    target = torch.tensor([[[0, 0, 1, 1]]])
+    pred = torch.tensor([[[0, 1, 1, 1]]])
+    # class 0: IoU 1/2, class 1: IoU 2/3 -> mean 58.33; class 2 absent everywhere: not counted
+    assert miou(pred, target, 3, ignore=255) == pytest.approx(100 * (0.5 + 2 / 3) / 2, rel=1e-5)
+    ignored = torch.tensor([[[0, 255, 1, 1]]])
+    assert miou(pred, ignored, 3, ignore=255) == pytest.approx(100.0)
+
+
+def test_finetune_and_segment_clis_on_synthetic(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(to_dict(tiny_config(tmp_path / "run"))))
+    out = tmp_path / "ft.json"
+    assert main(["finetune", "--random", str(config), "--data", "synthetic", "--synthetic-n", "60",
+                 "--synthetic-size", "40", "--modality", "both", "--shots", "2", "--kshot", "random", "--seeds", "2", "--epochs", "2",
+                 "--out", str(out)]) == 0
+    values = json.loads(out.read_text())["summary"]["test accuracy (last epoch)"]["values"]
+    assert len(values) == 2 and all(0 <= v <= 100 for v in values)
+    out = tmp_path / "seg.json"
+    assert main(["segment", "--random", str(config), "--synthetic-n", "12", "--epochs", "1", "--seeds", "1",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert 0 < result["summary"]["mIoU"]["mean"] <= 100 and result["train_tiles"] == 6
