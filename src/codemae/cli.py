@@ -155,14 +155,35 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return finish(title, result, args)
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from codemae.analysis.collect import collect
+    from codemae.analysis.report import Analysis, write_report
+    from codemae.eval.features import load_encoder
+    from codemae.eval.protocols import paired_source
+
+    checkpoints = args.checkpoints if args.command == "compare" else [args.checkpoint]
+    analyses, patch = [], 16
+    for ckpt in checkpoints:
+        method = load_encoder(ckpt)
+        source = paired_source(args.pairs, args.split, method.encoder.channels, args.pairs_n)
+        patch = method.encoder.patch_size
+        name = Path(ckpt).parent.parent.name if Path(ckpt).parent.name == "checkpoints" else Path(ckpt).stem
+        analyses.append(Analysis.of(name, collect(method, source, args.pairs_n)))
+    page = write_report(analyses, Path(args.out), f"{args.pairs} ({args.split or 'all'})", patch)
+    print(f"report: {page}")
+    return 0
+
+
 def cmd_retrieval(args: argparse.Namespace) -> int:
     from codemae.eval.features import load_encoder
-    from codemae.eval.protocols import run_retrieval
+    from codemae.eval.protocols import paired_source, run_retrieval
     from codemae.eval.report import write_json
     from codemae.eval.retrieval import random_expectation
 
     method = load_encoder(args.checkpoint, args.random)
-    result = run_retrieval(method, args.pairs, args.split, method.encoder.channels)
+    result = run_retrieval(method, paired_source(args.pairs, args.split, method.encoder.channels, args.synthetic_n))
     chance = random_expectation(result["pairs"])
     print(f"cross-modal retrieval on {result['pairs']} pairs (chance: R@1 {chance['R@1']:.2f}, "
           f"R@5 {chance['R@5']:.2f}, median rank {chance['median rank']:.1f})")
@@ -278,12 +299,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-n", type=int, default=80)
     p.set_defaults(func=cmd_segment)
 
+    def analysis_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--pairs", required=True, help="paired folder (opt/, sar/, optional tiles.csv), or 'synthetic'")
+        p.add_argument("--split", help="only this split of the pairs' split CSV")
+        p.add_argument("--pairs-n", type=int, default=200, help="at most this many pairs")
+        p.add_argument("--out", required=True, help="folder for index.html, the PNGs and report.json")
+
+    p = sub.add_parser("analyze", help="mechanism analyses of one checkpoint as PNGs and an HTML report",
+                       description="Singular value spectrum and effective rank (optical, SAR, joint), paired "
+                                   "embedding projection (UMAP, or PCA without the analysis extra), patch alignment "
+                                   "vs SSIM, reconstructions (self and, for CDR checkpoints, from SAR).")
+    p.add_argument("--checkpoint", required=True)
+    analysis_args(p)
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("compare", help="the analyses of several checkpoints side by side",
+                       description="Spectra on one plot, a table of effective ranks, alignment curves together.")
+    p.add_argument("checkpoints", nargs="+")
+    analysis_args(p)
+    p.set_defaults(func=cmd_analyze)
+
     p = sub.add_parser("retrieval", help="cross-modal retrieval optical<->SAR on co-registered pairs",
                        description="R@1, R@5 and median rank, optical->SAR and SAR->optical, each modality "
                                    "encoded on its own and mean-pooled.")
     encoder_args(p)
-    p.add_argument("--pairs", required=True, help="paired folder (opt/, sar/, optional tiles.csv)")
+    p.add_argument("--pairs", required=True, help="paired folder (opt/, sar/, optional tiles.csv), or 'synthetic'")
     p.add_argument("--split", help="only this split of the pairs' split CSV")
+    p.add_argument("--synthetic-n", type=int, default=200, help="pairs for --pairs synthetic")
     p.set_defaults(func=cmd_retrieval)
 
     p = sub.add_parser("bench", help="training throughput, step time, memory and FLOP/s utilisation",

@@ -40,6 +40,14 @@ def patch_errors(pred: Tensor, target: Tensor, norm_pix: bool = True, eps: float
     return (pred - target).pow(2).mean(dim=-1)
 
 
+def denormalise(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
+    """Map norm-pix predictions back to pixel values with each target patch's own mean and
+    variance (how MAE visualises reconstructions)."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return pred * (var + eps).sqrt() + mean
+
+
 def masked_mean(values: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
     """Mean of ``values`` over the positions where ``masks`` is 1, pooled over all pairs given."""
     return sum((v * m).sum() for v, m in zip(values, masks)) / sum(m.sum() for m in masks)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from codemae.config import SourceConfig
-from codemae.data.sources import FolderSource
+from codemae.config import SourceConfig, SyntheticConfig
+from codemae.data.sources import FolderSource, Source, SyntheticSource
 from codemae.eval.data import EvalImages, LabelledSet, k_shot, split_indices
 from codemae.eval.features import MODALITY_SETS, eval_norms, extract_features, input_size
 from codemae.eval.knn import knn_accuracy
@@ -64,9 +64,16 @@ def run_knn(method: PretrainMethod, data: LabelledSet, modality: str, shots: int
     return {"summary": summarise(per_seed), "test_size": len(split["test"])}
 
 
-def run_retrieval(method: PretrainMethod, root: str, split: str | None, channels: dict[str, int]) -> dict:
+def paired_source(root: str, split: str | None, channels: dict[str, int], synthetic_n: int = 200) -> Source:
+    """A paired folder (optionally one split), or ``synthetic``: generated scenes unseen in pretraining."""
+    if root == "synthetic":
+        return SyntheticSource(SourceConfig(kind="synthetic", seed=300_000,
+                                            synthetic=SyntheticConfig(num_scenes=synthetic_n, image_size=96)), channels)
+    return FolderSource(SourceConfig(kind="paired", root=root, split=split), channels)
+
+
+def run_retrieval(method: PretrainMethod, source: Source) -> dict:
     """Each modality encoded on its own (no fusion), pooled, matched by cosine similarity."""
-    source = FolderSource(SourceConfig(kind="paired", root=root, split=split), channels)
     data = LabelledSet(source, np.zeros(len(source), dtype=np.int64), ["-"])
     everything = np.arange(len(source))
     norms = eval_norms(data, ("opt", "sar"), everything)

@@ -88,3 +88,11 @@ CDR_TARGETS: dict[str, CDRTarget] = {
     "mgf": CDRTarget(lambda opt, p: patchify(multiscale_gradients(grayscale(opt)), p),
                      lambda p: len(MGF_KERNELS) * p * p),
 }
+
+
+# Targets that are images (shown as pictures in the analysis report), as image functions.
+PIXEL_TARGETS: dict[str, Callable[[Tensor, int], Tensor]] = {
+    "gray": lambda opt, p: grayscale(opt),
+    "rgb": lambda opt, p: opt,
+    "spatial": spatially_degraded,
+}

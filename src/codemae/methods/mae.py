@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from codemae.config import MethodConfig
-from codemae.losses import masked_mean, patch_errors, patchify
+from codemae.losses import denormalise, masked_mean, patch_errors, patchify, unpatchify
 from codemae.masking import Mask, modality_masks
 from codemae.methods.base import PretrainMethod
 from codemae.models.backbone import MODALITIES, Backbone, PerModalityBackbones
@@ -68,13 +69,41 @@ class JointMAE(PretrainMethod):
             for m in images
         }
 
-    def reconstruction(self, images: dict[str, Tensor], visible: dict[str, Visible]) -> Tensor:
-        """Norm-pix MSE on masked patches, pooled over all modalities' masked patches."""
+    def decode(self, visible: dict[str, Visible]) -> dict[str, Tensor]:
+        """Each modality's predicted patches (B, N, P*P*C) from its decoder."""
         preds: dict[str, Tensor] = {}
         for name, decoder in self.decoders.items():
-            mods = [m for m in images if name in ("shared", m)]
+            mods = [m for m in visible if name in ("shared", m)]
             if mods:
                 preds.update(decoder({m: (visible[m].tokens, visible[m].mask.ids_restore) for m in mods}))
+        return preds
+
+    def reconstruction(self, images: dict[str, Tensor], visible: dict[str, Visible]) -> Tensor:
+        """Norm-pix MSE on masked patches, pooled over all modalities' masked patches."""
+        preds = self.decode(visible)
         p = self.encoder.patch_size
         errors = [patch_errors(preds[m], patchify(images[m], p), self.cfg.norm_pix_loss) for m in images]
         return masked_mean(errors, [visible[m].mask.mask for m in images])
+
+    @torch.no_grad()
+    def reconstruct(self, images: dict[str, Tensor]) -> dict[str, Tensor]:
+        """For inspection: ``<m>_mask`` (B, N, 1 = masked) and ``<m>_recon`` (B, C, H, W), the
+        masked patches predicted and the visible ones copied from the input."""
+        visible = self.embed_visible(images)
+        preds = self.decode(visible)
+        out = {}
+        for m, image in images.items():
+            out[f"{m}_mask"] = visible[m].mask.mask
+            out[f"{m}_recon"] = self.paste(preds[m], image, visible[m].mask.mask, self.cfg.norm_pix_loss)
+        return out | self.cross_reconstructions(images, visible)
+
+    def cross_reconstructions(self, images: dict[str, Tensor], visible: dict[str, Visible]) -> dict[str, Tensor]:
+        """Cross-modal reconstructions a method adds to :meth:`reconstruct` (none here)."""
+        return {}
+
+    def paste(self, pred: Tensor, target_image: Tensor, mask: Tensor, norm_pix: bool) -> Tensor:
+        """Predicted patches where masked, the target's where visible, as an image."""
+        p = self.encoder.patch_size
+        target = patchify(target_image, p)
+        pred = denormalise(pred, target) if norm_pix else pred
+        return unpatchify(pred * mask[..., None] + target * (1 - mask[..., None]), p, target_image.shape[1])

@@ -1,0 +1,66 @@
+"""Everything the analyses need from one checkpoint on a set of co-registered pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from codemae.analysis.measures import patch_alignment, patch_ssim
+from codemae.data.sources import Source
+from codemae.data.stats import compute_stats
+from codemae.methods import PretrainMethod
+from codemae.methods.cdr_targets import grayscale
+
+RECONSTRUCTED = 4  # pairs shown in the reconstruction figure
+
+
+@dataclass
+class Collected:
+    """Per pair: pooled embeddings (N, D), patch alignment and patch SSIM (N, P); the model
+    inputs and the method's reconstructions of the first pairs (empty if it has none)."""
+
+    opt: Tensor
+    sar: Tensor
+    alignment: Tensor
+    ssim: Tensor
+    inputs: dict[str, Tensor]
+    reconstructions: dict[str, Tensor]
+
+
+def unit_images(source: Source, count: int, size: int) -> dict[str, Tensor]:
+    """The first ``count`` pairs as [0, 1] tensors resized to the model's input size."""
+    arrays = [source.load(i) for i in range(min(count, len(source)))]
+    return {
+        m: F.interpolate(torch.from_numpy(np.stack([a[m] for a in arrays])).permute(0, 3, 1, 2), size=(size, size),
+                         mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        for m in ("opt", "sar")
+    }
+
+
+@torch.no_grad()
+def collect(method: PretrainMethod, source: Source, count: int = 200, batch: int = 50, seed: int = 0) -> Collected:
+    """Encode each modality of each pair on its own (no masking); SSIM on the [0, 1] inputs
+    (grayscale optical vs SAR channel mean), in the model's patches."""
+    method.eval()
+    encoder = method.encoder
+    units = unit_images(source, count, encoder.img_size)
+    stats = compute_stats(source, 256, np.arange(min(count, len(source))))
+    inputs = {m: stats[m](x) for m, x in units.items()}
+    pooled: dict[str, list[Tensor]] = {"opt": [], "sar": []}
+    aligned = []
+    for start in range(0, len(inputs["opt"]), batch):
+        tokens = {m: method.encode({m: x[start : start + batch]})[m] for m, x in inputs.items()}
+        for m in pooled:
+            pooled[m].append(tokens[m].mean(1))
+        aligned.append(patch_alignment(tokens["opt"], tokens["sar"]))
+    ssim = patch_ssim(grayscale(units["opt"]), units["sar"].mean(1, keepdim=True), encoder.patch_size)
+    recon = {}
+    if hasattr(method, "reconstruct"):
+        torch.manual_seed(seed)
+        recon = method.reconstruct({m: x[:RECONSTRUCTED] for m, x in inputs.items()})
+    return Collected(torch.cat(pooled["opt"]), torch.cat(pooled["sar"]), torch.cat(aligned), ssim,
+                     {m: x[:RECONSTRUCTED] for m, x in inputs.items()}, recon)

@@ -1,0 +1,107 @@
+"""Analysis measures and the HTML report, opened in headless Chromium."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from codemae.analysis.measures import bin_by, effective_rank, patch_ssim, project_2d, singular_spectrum
+from codemae.analysis.report import SECTIONS
+from codemae.cli import main
+from codemae.train.engine import pretrain
+
+from conftest import tiny_config
+
+
+def test_effective_rank_identity_and_rank_one():
+    assert effective_rank(torch.eye(7)) == pytest.approx(7.0)
+    torch.manual_seed(0)
+    u, v = torch.randn(20, 1, dtype=torch.float64), torch.randn(1, 12, dtype=torch.float64)
+    assert effective_rank(u @ v) == pytest.approx(1.0, abs=1e-6)
+    spectrum = singular_spectrum(torch.randn(50, 8))
+    assert spectrum[0] == 1.0 and (spectrum[1:] <= spectrum[:-1]).all()
+
+
+def test_patch_ssim_matches_torchmetrics_per_patch():
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    ours = patch_ssim(a, b, 16)
+    assert ours.shape == (2, 4)
+    for i in range(2):
+        for k in range(4):
+            r, c = divmod(k, 2)
+            pa = a[i : i + 1, :, r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16]
+            pb = b[i : i + 1, :, r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16]
+            ref = structural_similarity_index_measure(pa, pb, data_range=1.0)
+            assert ours[i, k].item() == pytest.approx(ref.item(), abs=1e-5)
+    assert patch_ssim(a, a, 16).min().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_binning_on_hand_made_data():
+    x = torch.arange(10.0)
+    binned = bin_by(x, 2 * x + 1, bins=5)
+    assert binned.counts == [2] * 5
+    assert binned.centres == [0.5, 2.5, 4.5, 6.5, 8.5]
+    assert binned.means == [2.0, 6.0, 10.0, 14.0, 18.0]
+    assert binned.slope == pytest.approx(2.0) and binned.intercept == pytest.approx(1.0)
+
+
+def test_projection_falls_back_to_pca_without_umap():
+    points = np.random.default_rng(0).normal(size=(30, 6))
+    coords, how = project_2d(points)
+    assert coords.shape == (30, 2) and how.split(" ")[0] in ("UMAP", "PCA")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("analysis")
+    cfg = tiny_config(tmp / "run", method={"name": "codemae", "cdr": True, "ccl": "cross_attention"},
+                      train={"max_steps": 2})
+    pretrain(cfg)
+    out = tmp / "report"
+    assert main(["analyze", "--checkpoint", str(tmp / "run" / "checkpoints" / "last.pt"), "--pairs", "synthetic",
+                 "--pairs-n", "24", "--out", str(out)]) == 0
+    return out
+
+
+def test_report_has_every_section_and_real_pictures(report):
+    page = (report / "index.html").read_text()
+    for section in SECTIONS:
+        assert f"<h2>{section}</h2>" in page
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert {"spectrum.png", "alignment.png", "embeddings_0.png", "reconstructions_0.png"} <= set(images)
+    for name in images:
+        pixels = np.asarray(Image.open(report / name).convert("L"), dtype=np.float32)
+        assert pixels.std() > 5, f"{name} looks blank"
+    assert "CDR: optical target from SAR" not in page  # figure text is in the PNG, not the page
+    for href in re.findall(r'href="([^"#][^"]*)"', page):
+        assert (report / href).is_file(), href
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_report_opens_in_headless_chromium(report, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (make test installs Debian's chromium where it can)")
+    url = (report / "index.html").resolve().as_uri()
+    common = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-checked="yes"' in dom, "the page's load check did not run"
+    total = int(re.search(r'data-images-total="(\d+)"', dom).group(1))
+    assert total >= 4 and 'data-images-broken=""' in dom
+    anchors = set(re.findall(r'id="([^"]+)"', dom))
+    assert set(re.findall(r'href="#([^"]+)"', dom)) <= anchors  # every in-page link has its target
+    shot = tmp_path / "shot.png"
+    subprocess.run([*common, "--window-size=1000,2400", f"--screenshot={shot}", url], capture_output=True,
+                   timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.std() > 5
