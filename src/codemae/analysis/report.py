@@ -90,16 +90,18 @@ def plot_projection(a: Analysis, out: Path) -> str:
 def plot_alignment(analyses: list[Analysis], out: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for a in analyses:
-        b = a.binned
+    for k, a in enumerate(analyses):
+        b, colour = a.binned, f"C{k}"
         if len(analyses) == 1:
             c = a.collected
             pick = torch.randperm(c.ssim.numel(), generator=torch.Generator().manual_seed(0))[:3000]
             ax.scatter(c.ssim.flatten()[pick], c.alignment.flatten()[pick], s=3, alpha=0.25, color="0.6",
                        label="patches")
-        ax.errorbar(b.centres, b.means, yerr=b.stds, marker="o", capsize=3, label=f"{a.name} binned mean +- std")
+        ax.errorbar(b.centres, b.means, yerr=b.stds, marker="o", capsize=3, color=colour,
+                    label=f"{a.name} binned mean +- std")
         xs = np.array([min(b.centres), max(b.centres)])
-        ax.plot(xs, b.slope * xs + b.intercept, linestyle="--", label=f"{a.name} trend (slope {b.slope:.3f})")
+        ax.plot(xs, b.slope * xs + b.intercept, linestyle="--", color=colour,
+                label=f"{a.name} trend (slope {b.slope:.3f})")
     ax.set_xlabel("SSIM of the optical (grayscale) and SAR input patches")
     ax.set_ylabel("patch cosine, optical vs SAR")
     ax.set_title("patch-level alignment vs heterogeneity")
