@@ -114,7 +114,7 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     """N steps straight == SIGKILL after some checkpointed steps + automatic resume to N."""
     steps = ["train.epochs=20", "train.ckpt_every=1"]
     straight = write_config(tmp_path / "a" / "c.yaml")
-    assert run_cli(straight, *steps).wait(timeout=300) == 0
+    assert run_cli(straight, "train.epochs=20").wait(timeout=300) == 0
 
     killed = write_config(tmp_path / "b" / "c.yaml")
     ckpt = tmp_path / "b" / "run" / "checkpoints" / "last.pt"
