@@ -1,7 +1,6 @@
 """CoDe-MAE mechanisms: OKD, CCL, CDR, the gathered InfoNCE and the teacher loaders."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch

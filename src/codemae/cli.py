@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from codemae.train.engine import pretrain
 
     summary = pretrain(load_config(args.config, args.overrides))
-    print(json.dumps({k: summary[k] for k in ("step", "world_size", "ranks_in_sync", "seconds")}))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: summary[k] for k in ("step", "world_size", "ranks_in_sync", "seconds")}))
     return 0
 
 

@@ -26,6 +26,15 @@ def _plt():
     return plt
 
 
+def _save(fig, ax, out: Path) -> None:
+    """Grid, legend, tight layout, PNG, close."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    _plt().close(fig)
+
+
 @dataclass
 class Analysis:
     """One checkpoint's measures, ready for figures and tables."""
@@ -62,11 +71,7 @@ def plot_spectra(analyses: list[Analysis], out: Path, keys: tuple[str, ...]) -> 
     ax.set_xlabel("singular value index")
     ax.set_ylabel("singular value / largest")
     ax.set_title("normalised singular value spectrum of the mean-pooled embeddings")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out)
 
 
 def plot_projection(a: Analysis, out: Path) -> str:
@@ -80,10 +85,7 @@ def plot_projection(a: Analysis, out: Path) -> str:
     ax.scatter(points[:n, 0], points[:n, 1], s=10, label="optical", zorder=2)
     ax.scatter(points[n:, 0], points[n:, 1], s=10, label="SAR", zorder=2)
     ax.set_title(f"paired embeddings ({how.split(' ')[0]}), a line per pair")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out)
     return how
 
 
@@ -105,11 +107,7 @@ def plot_alignment(analyses: list[Analysis], out: Path) -> None:
     ax.set_xlabel("SSIM of the optical (grayscale) and SAR input patches")
     ax.set_ylabel("patch cosine, optical vs SAR")
     ax.set_title("patch-level alignment vs heterogeneity")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out)
 
 
 def _show(x: Tensor) -> np.ndarray:
