@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from codemae.errors import CodemaeError, one_line
+from codemae.errors import CodemaeError, ConfigError, one_line
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -47,7 +47,6 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
     from codemae.config import load_config
     from codemae.data.pipeline import build_sources
     from codemae.data.teacher_cache import write_teacher_cache
-    from codemae.errors import ConfigError
     from codemae.models.teacher import build_teacher
 
     cfg = load_config(args.config, args.overrides)
@@ -75,7 +74,6 @@ def labelled_data(args: argparse.Namespace, channels: dict[str, int]):
     if args.labels:
         return paired_with_labels(args.data, args.labels, channels)
     if args.modality == "both":
-        from codemae.errors import ConfigError
         raise ConfigError("--modality both needs paired data: give --labels with a paired folder, or --data synthetic")
     return class_folders(args.data, args.modality, channels)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,12 @@ def compute_stats(source: Source, max_samples: int, indices: np.ndarray | None =
 
 
 def save_stats(stats: dict[str, Normalisation], path: Path, samples: int) -> None:
+    """Write atomically (temp file + rename): other ranks may be reading the same path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {m: {"mean": s.mean, "std": s.std} for m, s in stats.items()} | {"samples": samples}
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def load_stats(path: Path, modalities: tuple[str, ...]) -> dict[str, Normalisation]:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from codemae.data.transforms import crop_box
+from codemae.errors import ConfigError
 from codemae.eval.data import EvalImages, LabelledSet, split_indices
 from codemae.eval.features import MODALITY_SETS, eval_norms, input_size
 from codemae.eval.probe import score
@@ -152,7 +153,7 @@ def run_finetune(load, data: LabelledSet, modality: str, shots: int, mode: str, 
                  protocol: FinetuneProtocol) -> dict:
     """``load()`` returns a fresh pretrained method (with the protocol's drop path) for every seed."""
     if data.multilabel:
-        raise ValueError("fine-tuning here is single-label classification")
+        raise ConfigError("fine-tuning is single-label classification; use the probe for multi-label data")
     mods = MODALITY_SETS[modality]
     split = split_indices(data.labels, SPLIT)
     probe_method = load()

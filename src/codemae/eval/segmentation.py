@@ -21,6 +21,8 @@ from torchmetrics.functional.classification import multiclass_jaccard_index
 from codemae.config import ScalingConfig, SyntheticConfig
 from codemae.data.readers import read_image, unit_array
 from codemae.data.synthetic import CLASSES, generate_scene
+from codemae.eval.features import MODALITY_SETS
+from codemae.eval.report import summarise
 from codemae.methods import PretrainMethod
 
 POOL_SCALES = (1, 2, 3, 6)
@@ -92,6 +94,7 @@ class SegmentationData:
     images: dict[str, Tensor]
     masks: Tensor
     classes: list[str]
+    num_classes: int
     ignore: int = IGNORE
 
 
@@ -107,7 +110,7 @@ def synthetic_segmentation(n: int, size: int, seed: int, channels: dict[str, int
     opt = torch.from_numpy(np.stack([s.optical for s in scenes])).permute(0, 3, 1, 2)
     sar = torch.from_numpy(np.stack([s.sar for s in scenes])).permute(0, 3, 1, 2).repeat(1, channels["sar"], 1, 1)
     masks = torch.from_numpy(np.stack([s.labels for s in scenes]))
-    return SegmentationData({"opt": normalise(opt), "sar": normalise(sar)}, masks, list(CLASSES))
+    return SegmentationData({"opt": normalise(opt), "sar": normalise(sar)}, masks, list(CLASSES), len(CLASSES))
 
 
 def scene_tiles(files: dict[str, str], mask_file: str, tile: int, channels: dict[str, int],
@@ -128,8 +131,9 @@ def scene_tiles(files: dict[str, str], mask_file: str, tile: int, channels: dict
     h, w = mask.shape
     corners = [(y, x) for y in range(0, h - tile + 1, tile) for x in range(0, w - tile + 1, tile)]
     stack = lambda a: torch.stack([a[..., y : y + tile, x : x + tile] for y, x in corners])  # noqa: E731
-    classes = [str(c) for c in sorted(set(np.unique(mask).tolist()) - {IGNORE})]
-    return SegmentationData({m: normalise(stack(a)) for m, a in images.items()}, stack(torch.from_numpy(mask)), classes)
+    labels = sorted(set(np.unique(mask).tolist()) - {IGNORE})
+    return SegmentationData({m: normalise(stack(a)) for m, a in images.items()}, stack(torch.from_numpy(mask)),
+                            [str(c) for c in labels], max(labels) + 1)
 
 
 def train_segmenter(model: Segmenter, data: SegmentationData, train_idx: np.ndarray, test_idx: np.ndarray,
@@ -140,7 +144,6 @@ def train_segmenter(model: Segmenter, data: SegmentationData, train_idx: np.ndar
     if model.train_encoder:
         groups.append({"params": model.method.parameters(), "lr": lr / 10})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
-    num_classes = model.head.classifier.out_channels
     for _ in range(epochs):
         model.train()
         order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx))]
@@ -157,7 +160,7 @@ def train_segmenter(model: Segmenter, data: SegmentationData, train_idx: np.ndar
     with torch.no_grad():
         test = torch.from_numpy(test_idx)
         pred = model({m: x[test] for m, x in data.images.items()}).argmax(1)
-    return miou(pred, data.masks[test], num_classes, data.ignore)
+    return miou(pred, data.masks[test], data.num_classes, data.ignore)
 
 
 def miou(pred: Tensor, target: Tensor, num_classes: int, ignore: int) -> float:
@@ -169,16 +172,12 @@ def run_segmentation(load, data: SegmentationData, modality: str, train_encoder:
                      seeds: list[int], train_fraction: float) -> dict:
     """Train a head (and optionally the encoder) per seed; the first ``train_fraction`` of the
     tiles train it (for a tiled scene: the top part, spatially apart from the test part)."""
-    from codemae.eval.features import MODALITY_SETS
-    from codemae.eval.report import summarise
-
     cut = int(round(train_fraction * len(data.masks)))
     train_idx, test_idx = np.arange(cut), np.arange(cut, len(data.masks))
-    num_classes = max(int(c) for c in data.classes) + 1 if data.classes[0].isdigit() else len(data.classes)
     per_seed = []
     for seed in seeds:
         torch.manual_seed(seed)
-        model = Segmenter(load(), MODALITY_SETS[modality], num_classes, train_encoder)
+        model = Segmenter(load(), MODALITY_SETS[modality], data.num_classes, train_encoder)
         per_seed.append({"mIoU": train_segmenter(model, data, train_idx, test_idx, epochs, seed)})
     return {"summary": summarise(per_seed), "train_tiles": len(train_idx), "test_tiles": len(test_idx),
             "classes": data.classes}
