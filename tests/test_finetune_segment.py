@@ -73,3 +73,33 @@ def test_finetune_and_segment_clis_on_synthetic(tmp_path, capsys):
                  "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert 0 < result["summary"]["mIoU"]["mean"] <= 100 and result["train_tiles"] == 6
+
+
+def test_paired_folder_with_masks_for_probe_labels_and_segmentation(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from codemae.eval.data import paired_with_masks
+    from conftest import write_pairs
+
+    root = write_pairs(tmp_path / "pairs", n=8, size=32)
+    (tmp_path / "masks").mkdir()
+    for i in range(8):
+        mask = np.zeros((32, 32), dtype=np.uint8)
+        mask[:, : 4 * i] = 1                     # class 1 covers i/8 of the image
+        mask[0, :] = 255                         # no data
+        Image.fromarray(mask).save(tmp_path / "masks" / f"t{i}.png")
+    data = paired_with_masks(root, tmp_path / "masks", {"opt": 3, "sar": 1}, nodata=255)
+    assert data.multilabel and data.classes == ["0", "1"]
+    # class 1 present once it covers >= 10% of the labelled pixels (i = 1 covers 1/8 = 12.5%)
+    assert data.labels[:, 1].tolist() == [0, 1, 1, 1, 1, 1, 1, 1]
+    assert data.labels[:, 0].tolist() == [1] * 8  # class 0 keeps >= 4 of 32 columns (12.5%)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(to_dict(tiny_config(tmp_path / "run"))))
+    out = tmp_path / "seg.json"
+    assert main(["segment", "--random", str(config), "--data", str(root), "--masks", str(tmp_path / "masks"),
+                 "--nodata", "255", "--epochs", "1", "--seeds", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["classes"] == ["0", "1"]
+    (tmp_path / "masks" / "t3.png").unlink()
+    assert main(["segment", "--random", str(config), "--data", str(root), "--masks", str(tmp_path / "masks")]) == 2
+    assert "no label raster for 't3'" in capsys.readouterr().err

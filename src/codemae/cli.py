@@ -67,10 +67,12 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
 
 def labelled_data(args: argparse.Namespace, channels: dict[str, int]):
     """The labelled set named by --data (a class-folder tree, a paired folder with --labels, or 'synthetic')."""
-    from codemae.eval.data import class_folders, paired_with_labels, synthetic_scenes
+    from codemae.eval.data import class_folders, paired_with_labels, paired_with_masks, synthetic_scenes
 
     if args.data == "synthetic":
         return synthetic_scenes(args.synthetic_n, args.synthetic_size, 100_000, channels, args.multilabel)
+    if args.masks:
+        return paired_with_masks(args.data, args.masks, channels, args.nodata)
     if args.labels:
         return paired_with_labels(args.data, args.labels, channels)
     if args.modality == "both":
@@ -135,12 +137,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from codemae.config import ScalingConfig
     from codemae.eval.features import load_encoder
-    from codemae.eval.segmentation import run_segmentation, scene_tiles, synthetic_segmentation
+    from codemae.eval.segmentation import folder_segmentation, run_segmentation, scene_tiles, synthetic_segmentation
 
     load = lambda: load_encoder(args.checkpoint, args.random)  # noqa: E731
     method = load()
     size = method.encoder.img_size
-    if args.scene:
+    if args.masks:
+        data = folder_segmentation(args.data, args.masks, size, method.encoder.channels, args.nodata)
+    elif args.scene:
         opt, sar, mask = args.scene
         scaling = {"opt": ScalingConfig(max_value=args.opt_max), "sar": ScalingConfig(mode="db", db_range=args.sar_db)}
         data = scene_tiles({"opt": opt, "sar": sar}, mask, args.tile or size, method.encoder.channels,
@@ -246,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", required=True,
                        help="class-folder tree (<class>/<image>), a paired folder with --labels, or 'synthetic'")
         p.add_argument("--labels", help="CSV stem,label (';'-separated labels: multi-label) for a paired folder")
+        p.add_argument("--masks", help="folder of per-pixel label rasters (same stems) for a paired folder: "
+                                       "multi-label by the 10%%-of-pixels rule")
+        p.add_argument("--nodata", type=int, default=-1, help="label value to ignore in --masks")
         p.add_argument("--modality", choices=["opt", "sar", "both"], default="opt")
         p.add_argument("--shots", type=int, default=10, help="K-shot training set (0: the whole training pool)")
         p.add_argument("--kshot", choices=["balanced", "random"], default="balanced",
@@ -285,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "co-registered scene (top part train, bottom part test); mIoU ignores no-data.")
     encoder_args(p)
     p.add_argument("--scene", nargs=3, metavar=("OPT", "SAR", "MASK"), help="one scene's files (default: synthetic)")
+    p.add_argument("--data", help="a paired folder, with --masks: a folder of label rasters of the same stems")
+    p.add_argument("--masks", help="label rasters for --data")
     p.add_argument("--modality", choices=["opt", "sar", "both"], default="both")
     p.add_argument("--tile", type=int, help="tile size in pixels (default: the model's input size)")
     p.add_argument("--opt-bands", type=int, nargs="+", help="optical band indices, e.g. 3 2 1 for S2 RGB")

@@ -14,7 +14,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from codemae.config import ScalingConfig, SourceConfig, SyntheticConfig
-from codemae.data.sources import FolderSource, Source, SyntheticSource
+from codemae.data.readers import read_image
+from codemae.data.sources import FolderSource, Source, SyntheticSource, index_images
 from codemae.data.synthetic import CLASSES, generate_scene
 from codemae.data.transforms import Normalisation
 from codemae.errors import DataError
@@ -60,6 +61,30 @@ def paired_with_labels(root: str | Path, labels_csv: str | Path, channels: dict[
     for i, s in enumerate(source.stems):
         hot[i, [classes.index(c) for c in rows[s]]] = 1.0
     return LabelledSet(source, hot, classes)
+
+
+def mask_files(source: FolderSource, masks: str | Path) -> list[Path]:
+    """The label raster of each sample of a paired folder: same stem in ``masks``."""
+    found = index_images(Path(masks), recursive=False)
+    missing = [s for s in source.stems if s not in found]
+    if missing:
+        raise DataError(f"mask folder {masks} has no label raster for '{missing[0]}' ({len(missing)} missing)")
+    return [found[s] for s in source.stems]
+
+
+def read_mask(path: Path) -> np.ndarray:
+    return read_image(path)[:, :, 0].astype(np.int64)
+
+
+def paired_with_masks(root: str | Path, masks: str | Path, channels: dict[str, int], nodata: int = -1
+                      ) -> LabelledSet:
+    """A paired folder with per-pixel labels, as multi-label samples: a class is present when it
+    covers at least 10% of the labelled pixels (``nodata`` pixels are not counted)."""
+    source = FolderSource(SourceConfig(kind="paired", root=str(root)), channels)
+    maps = [read_mask(p) for p in mask_files(source, masks)]
+    num_classes = max(int(m[m != nodata].max(initial=0)) for m in maps) + 1
+    labels = np.stack([presence_labels(m, num_classes, ignore_index=nodata) for m in maps])
+    return LabelledSet(source, labels, [str(c) for c in range(num_classes)])
 
 
 def synthetic_scenes(n: int, image_size: int, seed: int, channels: dict[str, int], multilabel: bool = False

@@ -11,6 +11,7 @@ no-data label.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,9 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_jaccard_index
 
-from codemae.config import ScalingConfig, SyntheticConfig
+from codemae.config import ScalingConfig, SourceConfig, SyntheticConfig
 from codemae.data.readers import read_image, unit_array
+from codemae.data.sources import FolderSource
 from codemae.data.synthetic import CLASSES, generate_scene
+from codemae.eval.data import mask_files, read_mask
 from codemae.eval.features import MODALITY_SETS
 from codemae.eval.report import summarise
 from codemae.methods import PretrainMethod
@@ -113,12 +116,30 @@ def synthetic_segmentation(n: int, size: int, seed: int, channels: dict[str, int
     return SegmentationData({"opt": normalise(opt), "sar": normalise(sar)}, masks, list(CLASSES), len(CLASSES))
 
 
+def folder_segmentation(root: str, masks: str, size: int, channels: dict[str, int], nodata: int = -1
+                        ) -> SegmentationData:
+    """A paired folder with a folder of label rasters (same stems), each pair resized to ``size``
+    (labels by nearest neighbour); ``nodata`` labels are ignored."""
+    source = FolderSource(SourceConfig(kind="paired", root=root), channels)
+    arrays = [source.load(i) for i in range(len(source))]
+    images = {
+        m: normalise(torch.cat([F.interpolate(torch.from_numpy(a[m]).permute(2, 0, 1)[None], size=(size, size),
+                                              mode="bicubic", align_corners=False, antialias=True) for a in arrays]))
+        for m in ("opt", "sar")
+    }
+    maps = torch.stack([F.interpolate(torch.from_numpy(read_mask(p))[None, None].float(), size=(size, size),
+                                      mode="nearest")[0, 0].long() for p in mask_files(source, masks)])
+    maps[maps == nodata] = IGNORE
+    labels = sorted(set(maps.unique().tolist()) - {IGNORE})
+    return SegmentationData(images, maps, [str(c) for c in labels], max(labels) + 1)
+
+
 def scene_tiles(files: dict[str, str], mask_file: str, tile: int, channels: dict[str, int],
                 bands: dict[str, list[int]], scaling: dict[str, ScalingConfig], nodata: int = -1) -> SegmentationData:
     """Cut one co-registered scene (``files[m]`` per modality) and its label raster into
     ``tile``-pixel tiles. Bands are picked by index before scaling; ``nodata`` labels and
     non-finite pixels are ignored in training and scoring."""
-    mask = read_image(mask_file)[:, :, 0].astype(np.int64)
+    mask = read_mask(Path(mask_file))
     images = {}
     for m, path in files.items():
         raw = read_image(path)
