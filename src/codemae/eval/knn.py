@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from codemae.eval.probe import score
+
 
 def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, num_classes: int, k: int = 20,
                 temperature: float = 0.07) -> Tensor:
@@ -20,4 +22,5 @@ def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, num_classes: i
 
 def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int,
                  k: int = 20) -> float:
-    return 100 * (knn_predict(train_x, train_y, test_x, num_classes, k).argmax(1) == test_y).float().mean().item()
+    """Overall accuracy (%) of the weighted k-NN votes."""
+    return score(knn_predict(train_x, train_y, test_x, num_classes, k), test_y, multilabel=False)
