@@ -1,7 +1,8 @@
 """Fus-MAE: cross-attention early (encoder) and feature-level (decoder) fusion (SPEC section 2).
 
 - ``xaed`` (XAE&D): the first encoder block is replaced by a cross-attention fusion
-  block, ``fus = concat(x + CA(x, y), y + CA(y, x))``, ``fus + MLP(fus)``; a learned
+  block, ``fus = concat(x + CA(x, y), y + CA(y, x))`` with one CA module serving both
+  directions, ``fus + MLP(fus)``; a learned
   CLS token is prepended; the other N-1 blocks attend over both modalities
   jointly; the latents are split back per modality.
 - ``xad`` (XAD): the encoder runs each modality on its own (no cross-modal path);
