@@ -70,29 +70,30 @@ def multiscale_gradients(gray: Tensor, kernels: tuple[int, ...] = MGF_KERNELS) -
 
 @dataclass(frozen=True)
 class CDRTarget:
-    """A target: how to compute it, its per-patch length for patch size P, and whether
-    the loss normalises each target patch (norm-pix). The spatial target is constant
-    within a patch, so norm-pix would erase it: that one is compared unnormalised."""
+    """A target: the degraded image computed from the optical input, the patch size its
+    vectors are cut with (``cell`` input pixels per target pixel: HOG has one per 8x8 cell),
+    their length, whether the loss normalises each target patch (norm-pix; the spatial
+    target is constant within a patch, so norm-pix would erase it) and whether it is a
+    picture worth showing in the analysis report."""
 
-    compute: Callable[[Tensor, int], Tensor]
-    length: Callable[[int], int]
+    image: Callable[[Tensor, int], Tensor]
+    channels: int
+    cell: int = 1
     norm_pix: bool = True
+    pictured: bool = False
+
+    def compute(self, opt: Tensor, patch: int) -> Tensor:
+        """Per-patch target vectors (B, N, length(patch))."""
+        return patchify(self.image(opt, patch), patch // self.cell)
+
+    def length(self, patch: int) -> int:
+        return (patch // self.cell) ** 2 * self.channels
 
 
 CDR_TARGETS: dict[str, CDRTarget] = {
-    "gray": CDRTarget(lambda opt, p: patchify(grayscale(opt), p), lambda p: p * p),
-    "rgb": CDRTarget(lambda opt, p: patchify(opt, p), lambda p: 3 * p * p),
-    "spatial": CDRTarget(lambda opt, p: patchify(spatially_degraded(opt, p), p), lambda p: 3 * p * p, norm_pix=False),
-    "hog": CDRTarget(lambda opt, p: patchify(hog_cells(grayscale(opt)), p // HOG_CELL),
-                     lambda p: (p // HOG_CELL) ** 2 * HOG_BINS),
-    "mgf": CDRTarget(lambda opt, p: patchify(multiscale_gradients(grayscale(opt)), p),
-                     lambda p: len(MGF_KERNELS) * p * p),
-}
-
-
-# Targets that are images (shown as pictures in the analysis report), as image functions.
-PIXEL_TARGETS: dict[str, Callable[[Tensor, int], Tensor]] = {
-    "gray": lambda opt, p: grayscale(opt),
-    "rgb": lambda opt, p: opt,
-    "spatial": spatially_degraded,
+    "gray": CDRTarget(lambda opt, p: grayscale(opt), 1, pictured=True),
+    "rgb": CDRTarget(lambda opt, p: opt, 3, pictured=True),
+    "spatial": CDRTarget(spatially_degraded, 3, norm_pix=False, pictured=True),
+    "hog": CDRTarget(lambda opt, p: hog_cells(grayscale(opt)), HOG_BINS, cell=HOG_CELL),
+    "mgf": CDRTarget(lambda opt, p: multiscale_gradients(grayscale(opt)), len(MGF_KERNELS)),
 }

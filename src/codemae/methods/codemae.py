@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from codemae.config import MethodConfig
 from codemae.errors import ConfigError
 from codemae.losses import masked_mean, patch_errors, patchify, symmetric_info_nce
-from codemae.methods.cdr_targets import CDR_TARGETS, PIXEL_TARGETS
+from codemae.methods.cdr_targets import CDR_TARGETS
 from codemae.methods.mae import JointMAE, Visible
 from codemae.models.attention import Block, CrossAttentionResidual, Mlp, layer_norm
 from codemae.models.backbone import Backbone, PerModalityBackbones, gather_tokens
@@ -129,8 +129,8 @@ class CoDeMAE(JointMAE):
 
     def cross_reconstructions(self, images: dict[str, Tensor], visible: dict[str, Visible]) -> dict[str, Tensor]:
         """``cdr_recon``: the degraded optical target predicted from the SAR tokens (pixel targets only)."""
-        if not (self.cfg.cdr and self.cfg.cdr_target in PIXEL_TARGETS and "sar" in images and "opt" in images):
+        if not (self.cfg.cdr and self.cdr_target.pictured and "sar" in images and "opt" in images):
             return {}
         pred = self.cdr_decoder({"sar": (visible["sar"].tokens, visible["sar"].mask.ids_restore)})["sar"]
-        target = PIXEL_TARGETS[self.cfg.cdr_target](images["opt"], self.encoder.patch_size)
+        target = self.cdr_target.image(images["opt"], self.encoder.patch_size)
         return {"cdr_recon": self.paste(pred, target, visible["sar"].mask.mask, self.cdr_target.norm_pix)}
