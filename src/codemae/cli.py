@@ -41,6 +41,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from codemae.config import load_config
+    from codemae.data.check import check_config, print_check
+
+    cfg = load_config(args.config, args.overrides)
+    return 0 if print_check(check_config(cfg, args.pixels, args.workers)) else 2
+
+
 def cmd_teacher_cache(args: argparse.Namespace) -> int:
     import torch
 
@@ -229,6 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1024, help="at most this many evenly spaced samples")
     p.add_argument("--out", help="output JSON (default <root>/codemae_stats.json)")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("data", help="dataset tools: 'data check CONFIG' walks every source without training")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("check", help="report files, pairs, sizes, channels, unreadable files and split leaks",
+                            description="Walks every source of a pretraining or data config and prints a table per "
+                                        "source, then every problem naming its file; exit code 2 if any. Reads "
+                                        "image headers only unless --pixels.")
+    p.add_argument("config", help="YAML config with data.sources (a pretraining config or a configs/data file)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/datasets/OSPretrain")
+    p.add_argument("--pixels", action="store_true", help="decode every image as training would (slow)")
+    p.add_argument("--workers", type=int, default=8, help="threads reading headers")
+    p.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("teacher-cache", help="run the OKD teacher once over the data and store its features",
                        description="Writes the teacher's patch features of every optical image of the "

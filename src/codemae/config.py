@@ -21,6 +21,7 @@ import yaml
 from codemae.errors import ConfigError
 
 SourceKind = Literal["paired", "opt", "sar", "synthetic"]
+SourceLayout = Literal["folder", "reference", "shards"]
 
 
 @dataclass
@@ -30,11 +31,14 @@ class ScalingConfig:
     ``auto``: 8-bit integers / 255, 16-bit integers / ``max_value``, floats as-is.
     ``db``: float decibels clipped to ``db_range`` and rescaled.
     ``linear``: decibels converted to linear power, clipped at ``max_value``, rescaled.
+    ``dtype``: the pixel type every file must have (``uint8``, ``uint16``, ...); a file of
+    another type (a 16-bit PNG among 8-bit ones) is refused instead of scaled differently.
     """
 
     mode: Literal["auto", "db", "linear"] = "auto"
     db_range: list[float] = field(default_factory=lambda: [-25.0, 0.0])
     max_value: float = 10000.0
+    dtype: Optional[str] = None
 
 
 @dataclass
@@ -50,16 +54,57 @@ class SyntheticConfig:
 
 
 @dataclass
+class GivenStats:
+    """Normalisation statistics written into the config (``stats: given``), on [0, 1] values.
+    One value stands for every channel (the reference code's SAR statistics)."""
+
+    opt_mean: list[float] = field(default_factory=list)
+    opt_std: list[float] = field(default_factory=list)
+    sar_mean: list[float] = field(default_factory=list)
+    sar_std: list[float] = field(default_factory=list)
+
+
+@dataclass
 class SourceConfig:
-    """One data source: a folder of pairs, of single-modality images, or generated scenes."""
+    """One pretraining source of a mixture.
+
+    Layouts: ``folder`` (``<root>/opt`` + ``<root>/sar`` for pairs, any image tree for one
+    modality; ``split`` picks a split of a CSV), ``reference`` (the reference code's
+    ``<root>/<dataset>/{RGB,SAR}/<name>.png`` with ``{train,val,test}.txt`` lists, chosen by
+    ``splits`` and ``exclude``), ``shards`` (a ``codemae shard`` output folder or URL).
+    ``holdout`` lists must never reach pretraining (``codemae data check`` reports a leak).
+    ``weight`` scales the source's share of an epoch (0.5: a random half each epoch, 2:
+    every sample twice). Bands are picked by index or name (``opt_band_names``; Sentinel-2
+    and Sentinel-1 names are known by band count). ``tile`` cuts each image into
+    non-overlapping tiles of that many pixels, one sample each. ``opt_dir``/``sar_dir``
+    rename the modality folders (defaults ``opt``/``sar``, ``RGB``/``SAR`` in the reference
+    layout); ``stem_replace`` items ``old=new`` rewrite file stems before pairing (SEN12MS-CR
+    names its pairs ``..._s1_...`` and ``..._gt_...``).
+    """
 
     name: str = ""
     kind: SourceKind = "paired"
+    layout: SourceLayout = "folder"
     root: str = ""
+    dataset: str = ""
+    opt_dir: str = ""
+    sar_dir: str = ""
+    stem_replace: list[str] = field(default_factory=list)
     split: Optional[str] = None
     split_csv: Optional[str] = None
+    splits: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    holdout: list[str] = field(default_factory=lambda: ["test"])
+    weight: float = 1.0
+    expected: Optional[int] = None
     stats: str = "auto"
+    given: GivenStats = field(default_factory=GivenStats)
     seed: int = 0
+    opt_bands: list[str] = field(default_factory=list)
+    sar_bands: list[str] = field(default_factory=list)
+    opt_band_names: list[str] = field(default_factory=list)
+    sar_band_names: list[str] = field(default_factory=list)
+    tile: Optional[int] = None
     opt_scaling: ScalingConfig = field(default_factory=ScalingConfig)
     sar_scaling: ScalingConfig = field(default_factory=ScalingConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -67,7 +112,15 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    """The pretraining mixture and its loading. ``root`` is the folder relative source roots
+    are resolved against; ``on_error`` decides what an unreadable sample does: ``raise``
+    stops with the file named, ``skip`` replaces it with the next readable sample of its
+    source and counts it (logged per epoch)."""
+
     sources: list[SourceConfig] = field(default_factory=list)
+    kinds: list[SourceKind] = field(default_factory=lambda: ["paired", "opt", "sar", "synthetic"])
+    root: str = ""
+    on_error: Literal["raise", "skip"] = "raise"
     batch_size: int = 32
     num_workers: int = 2
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
@@ -174,6 +227,7 @@ class TrainConfig:
     accum_steps: int = 1
     clip_grad: Optional[float] = None
     precision: Literal["fp32", "bf16"] = "fp32"
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
     device: Literal["auto", "cpu", "cuda"] = "auto"
     ckpt_every: int = 500
     log_every: int = 10
@@ -196,6 +250,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for item in overrides:
         apply_override(raw, item)
     cfg = from_dict(Config, raw)
+    cfg.data.sources = [s for s in cfg.data.sources if s.kind in cfg.data.kinds]
     validate(cfg)
     return cfg
 
@@ -269,13 +324,34 @@ def validate(cfg: Config) -> None:
     betas = cfg.train.betas
     _require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "train.betas", "must be two values in [0, 1)", betas)
     for i, source in enumerate(cfg.data.sources):
-        where = f"data.sources.{i}"
-        _require(source.kind == "synthetic" or bool(source.root), f"{where}.root", "is required for a folder source",
-                 source.root)
-        for name in ("opt_scaling", "sar_scaling"):
-            bounds = getattr(source, name).db_range
-            _require(len(bounds) == 2 and bounds[0] < bounds[1], f"{where}.{name}.db_range",
-                     "must be [low, high] with low < high", bounds)
+        validate_source(source, f"data.sources.{i}")
+
+
+def validate_source(source: SourceConfig, where: str) -> None:
+    """Checks of one source's settings; keys are reported under ``where``."""
+    synthetic = source.kind == "synthetic"
+    _require(synthetic or bool(source.root or source.dataset), f"{where}.root", "is required for a folder source",
+             source.root)
+    _require(not synthetic or source.layout == "folder", f"{where}.layout", "synthetic sources have no layout",
+             source.layout)
+    _require(all("=" in item for item in source.stem_replace), f"{where}.stem_replace",
+             "items must be 'old=new'", source.stem_replace)
+    _require(source.weight > 0, f"{where}.weight", "must be positive", source.weight)
+    _require(source.tile is None or source.tile > 0, f"{where}.tile", "must be positive", source.tile)
+    _require(source.layout == "reference" or not (source.splits or source.exclude), f"{where}.splits",
+             "split lists (splits/exclude) belong to the reference layout; use 'split' with a split CSV", source.splits)
+    _require(source.layout == "folder" or source.split is None, f"{where}.split",
+             "a split CSV belongs to the folder layout; use 'splits'/'exclude' lists", source.split)
+    if source.stats == "given":
+        modalities = ("opt", "sar") if source.kind in ("paired", "synthetic") else (source.kind,)
+        for m in modalities:
+            mean, std = getattr(source.given, f"{m}_mean"), getattr(source.given, f"{m}_std")
+            _require(bool(mean) and len(mean) == len(std) and all(v > 0 for v in std), f"{where}.given.{m}_mean",
+                     f"stats: given needs {m}_mean and {m}_std of equal length, std > 0", [mean, std])
+    for name in ("opt_scaling", "sar_scaling"):
+        bounds = getattr(source, name).db_range
+        _require(len(bounds) == 2 and bounds[0] < bounds[1], f"{where}.{name}.db_range",
+                 "must be [low, high] with low < high", bounds)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -10,16 +10,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from codemae.config import Config
-from codemae.data.sampling import HomogeneousBatchSampler, Pools
+from codemae.config import Config, SourceConfig
+from codemae.data.sampling import HomogeneousBatchSampler, Part, Pools
 from codemae.data.sources import Source, build_source
 from codemae.data.stats import compute_stats, load_stats, save_stats
 from codemae.data.teacher_cache import TeacherFeatureCache
 from codemae.data.transforms import Normalisation, PairedCrop
-from codemae.errors import ConfigError
+from codemae.errors import ConfigError, DataError
 from codemae.models.backbone import MODALITIES
 
 log = logging.getLogger(__name__)
+MAX_CONSECUTIVE_SKIPS = 16  # with data.on_error=skip, this many bad samples in a row stop the run
 
 
 class PretrainDataset(Dataset):
@@ -28,14 +29,20 @@ class PretrainDataset(Dataset):
     With teacher caches (one per source, None where absent) an optical sample also
     carries ``teacher_opt``: the cached teacher features resampled to its crop on
     the student's ``grid``.
+
+    ``on_error="skip"``: an unreadable sample is replaced by the next readable one of
+    its source (batches keep their size, so ranks stay in step) and counted in the
+    sample's ``skipped`` entry; ``"raise"`` lets the error name the file and stop.
     """
 
     def __init__(self, sources: list[Source], transforms: list[PairedCrop],
-                 caches: list[TeacherFeatureCache | None] | None = None, grid: int = 0) -> None:
+                 caches: list[TeacherFeatureCache | None] | None = None, grid: int = 0,
+                 on_error: str = "raise") -> None:
         self.sources = sources
         self.transforms = transforms
         self.caches = caches or [None] * len(sources)
         self.grid = grid
+        self.on_error = on_error
         self.offsets = np.cumsum([0] + [len(s) for s in sources])
 
     def __len__(self) -> int:
@@ -44,18 +51,36 @@ class PretrainDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Tensor]:
         index, seed = item
         k = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        local = index - int(self.offsets[k])
-        sample, box = self.transforms[k](self.sources[k].load(local), torch.Generator().manual_seed(seed))
+        local, arrays, skipped = self.load(k, index - int(self.offsets[k]))
+        sample, box = self.transforms[k](arrays, torch.Generator().manual_seed(seed))
         if self.caches[k] is not None:
             sample["teacher_opt"] = self.caches[k].crop(local, box, self.grid)
+        sample["skipped"] = torch.tensor(skipped)
         return sample
 
-    def pools(self) -> Pools:
-        by_kind: dict[tuple[str, ...], list[np.ndarray]] = {("opt", "sar"): [], ("opt",): [], ("sar",): []}
+    def load(self, k: int, local: int) -> tuple[int, dict[str, np.ndarray], int]:
+        """Sample ``local`` of source ``k`` (or, skipping, the next readable one): (index, arrays, skips)."""
+        source = self.sources[k]
+        tries = min(MAX_CONSECUTIVE_SKIPS, len(source))
+        for skipped in range(tries):
+            try:
+                return local, source.load(local), skipped
+            except DataError as err:
+                if self.on_error == "raise":
+                    raise
+                log.warning("skipped an unreadable sample (data.on_error=skip): %s", err)
+                last = err
+                local = (local + 1) % len(source)
+        raise DataError(f"source '{source.name}': {tries} unreadable samples in a row, "
+                        f"the last: {last}")
+
+    def pools(self, weights: list[float] | None = None) -> Pools:
+        """Each source's indices under its kind, with its mixture weight (1 if not given)."""
+        weights = weights or [1.0] * len(self.sources)
+        by_kind: dict[tuple[str, ...], list[Part]] = {("opt", "sar"): [], ("opt",): [], ("sar",): []}
         for k, source in enumerate(self.sources):
-            by_kind[source.modalities].append(np.arange(self.offsets[k], self.offsets[k + 1]))
-        cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
-        return Pools(cat(by_kind[("opt", "sar")]), cat(by_kind[("opt",)]), cat(by_kind[("sar",)]))
+            by_kind[source.modalities].append(Part(np.arange(self.offsets[k], self.offsets[k + 1]), weights[k]))
+        return Pools(*(tuple(by_kind[kind]) for kind in (("opt", "sar"), ("opt",), ("sar",))))
 
 
 def collate(items: list[dict[str, Tensor]]) -> dict:
@@ -72,12 +97,17 @@ def collate(items: list[dict[str, Tensor]]) -> dict:
     return batch
 
 
-def source_stats(source: Source, setting: str, cache: Path, samples: int, write: bool) -> dict[str, Normalisation]:
-    """Normalisation of one source: from a stats file, none, or computed once and cached in the run folder."""
-    if setting == "none":
+def source_stats(source: Source, cfg: SourceConfig, cache: Path, samples: int, write: bool
+                 ) -> dict[str, Normalisation]:
+    """Normalisation of one source: given in the config, from a stats file, none, or computed
+    once and cached in the run folder."""
+    if cfg.stats == "none":
         return {m: Normalisation([0.0], [1.0]) for m in source.modalities}
-    if setting != "auto":
-        return load_stats(Path(setting), source.modalities)
+    if cfg.stats == "given":
+        return {m: Normalisation(getattr(cfg.given, f"{m}_mean"), getattr(cfg.given, f"{m}_std"))
+                for m in source.modalities}
+    if cfg.stats != "auto":
+        return load_stats(Path(cfg.stats), source.modalities)
     if cache.is_file():
         return load_stats(cache, source.modalities)
     log.info("computing normalisation statistics of source '%s' over up to %d samples", source.name, samples)
@@ -92,7 +122,7 @@ def build_sources(cfg: Config) -> list[Source]:
     if not cfg.data.sources:
         raise ConfigError("config key 'data.sources': no data source given")
     channels = {"opt": cfg.model.opt_channels, "sar": cfg.model.sar_channels}
-    sources = [build_source(s, channels) for s in cfg.data.sources]
+    sources = [build_source(s, channels, cfg.data.root) for s in cfg.data.sources]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ConfigError(f"config key 'data.sources': source names must be unique, got {names}")
@@ -105,17 +135,19 @@ def build_dataset(cfg: Config, run_dir: Path, write_stats: bool = True) -> Pretr
     sources = build_sources(cfg)
     transforms = []
     for source_cfg, source in zip(cfg.data.sources, sources):
-        norms = source_stats(source, source_cfg.stats, run_dir / "stats" / f"{source.name}.json",
+        norms = source_stats(source, source_cfg, run_dir / "stats" / f"{source.name}.json",
                              cfg.data.stats_samples, write_stats)
         transforms.append(PairedCrop(cfg.model.img_size, cfg.data.crop_scale, cfg.data.crop_ratio,
                                      cfg.data.hflip, norms))
     caches = None
     if cfg.method.okd and cfg.method.teacher.cache:
         caches = [TeacherFeatureCache(cfg.method.teacher.cache, s) if "opt" in s.modalities else None for s in sources]
-    return PretrainDataset(sources, transforms, caches, cfg.model.img_size // cfg.model.patch_size)
+    return PretrainDataset(sources, transforms, caches, cfg.model.img_size // cfg.model.patch_size,
+                           cfg.data.on_error)
 
 
 def build_loader(cfg: Config, dataset: PretrainDataset, world_size: int, rank: int) -> DataLoader:
-    sampler = HomogeneousBatchSampler(dataset.pools(), cfg.data.batch_size, world_size, rank, cfg.seed)
+    pools = dataset.pools([s.weight for s in cfg.data.sources])
+    sampler = HomogeneousBatchSampler(pools, cfg.data.batch_size, world_size, rank, cfg.seed)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
                       persistent_workers=False, pin_memory=torch.cuda.is_available())

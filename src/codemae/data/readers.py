@@ -7,7 +7,13 @@ Every failure is a :class:`DataError` naming the file.
 
 from __future__ import annotations
 
+import io
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Union
 
 import numpy as np
 import tifffile
@@ -19,50 +25,151 @@ from codemae.errors import DataError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 MAX_BANDS = 64  # a leading axis no longer than this, before a longer one, is a band axis
+CONVERTED_TO_RGB = ("P", "PA", "RGBA", "CMYK", "YCbCr")  # Pillow modes read as RGB (LA: as L)
+MAX_PIXELS = 1 << 28  # height x width x bands above this is refused as a decompression bomb
+BAND_NAMES = {  # default names by band count: Sentinel-2 L1C / L2A, Sentinel-1 dual-pol
+    13: ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"],
+    12: ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12"],
+    2: ["VV", "VH"],
+}
+
+ImageFile = Union[str, Path, bytes]
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read ``path`` as an (H, W, C) array in its stored dtype."""
-    path = Path(path)
+@dataclass(frozen=True)
+class Header:
+    """What a file's header says: (height, width, bands) and pixel type."""
+
+    height: int
+    width: int
+    bands: int
+    dtype: str
+
+
+def read_image(path: ImageFile, name: str | None = None) -> np.ndarray:
+    """Read a file (path, or its bytes with ``name`` for messages) as an (H, W, C) array in its stored dtype."""
+    with _opened(path, name) as (f, label):
+        array = _read_tiff(f, label) if f.read(4) in TIFF_MAGIC else _read_pillow(f, label)
+    return _bands_last(array, label)
+
+
+def read_header(path: ImageFile, name: str | None = None) -> Header:
+    """The image's size, band count and pixel type from its header, without decoding pixels."""
+    with _opened(path, name) as (f, label):
+        if f.read(4) in TIFF_MAGIC:
+            f.seek(0)
+            try:
+                with tifffile.TiffFile(f) as tif:
+                    series = tif.series[0]
+                    shape, dtype = series.shape, np.dtype(series.dtype)
+            except Exception as err:  # tifffile raises many types for broken files
+                raise DataError(f"{label}: corrupt or unreadable TIFF ({err})".splitlines()[0]) from err
+            shape = _bands_last(np.empty(shape if len(shape) > 2 else (*shape, 1), dtype=bool), label).shape
+            return Header(shape[0], shape[1], shape[2], dtype.name)
+        f.seek(0)
+        with _pillow(f, label) as image:
+            dtype = {"I;16": "uint16", "I;16B": "uint16", "I": "int32", "F": "float32"}.get(image.mode, "uint8")
+            bands = 1 if image.mode == "LA" else 3 if image.mode in CONVERTED_TO_RGB else len(image.getbands())
+            return Header(image.height, image.width, bands, dtype)
+
+
+@contextmanager
+def _opened(path: ImageFile, name: str | None) -> Iterator[tuple[BinaryIO, str]]:
+    label = name or ("<bytes>" if isinstance(path, bytes) else str(path))
+    if isinstance(path, bytes):
+        if not path:
+            raise DataError(f"{label}: empty file (0 bytes)")
+        yield io.BytesIO(path), label
+        return
     try:
-        with path.open("rb") as f:
-            head = f.read(4)
+        f = Path(path).open("rb")
     except OSError as err:
-        raise DataError(f"{path}: cannot open ({err.strerror or err})") from err
-    if not head:
-        raise DataError(f"{path}: empty file (0 bytes)")
-    array = _read_tiff(path) if head in TIFF_MAGIC else _read_pillow(path)
+        raise DataError(f"{label}: cannot open ({err.strerror or err})") from err
+    with f:
+        if not f.read(1):
+            raise DataError(f"{label}: empty file (0 bytes)")
+        f.seek(0)
+        yield f, label
+
+
+def _bands_last(array: np.ndarray, label: str) -> np.ndarray:
     if array.ndim == 2:
         array = array[:, :, None]
     elif array.ndim == 3 and array.shape[0] <= MAX_BANDS and array.shape[0] < array.shape[2]:
         array = array.transpose(1, 2, 0)  # band-first GeoTIFF
     if array.ndim != 3:
-        raise DataError(f"{path}: expected a 2-D image with bands, got an array of shape {array.shape}")
+        raise DataError(f"{label}: expected a 2-D image with bands, got an array of shape {array.shape}")
     return array
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+def _check_size(pixels: int, label: str) -> None:
+    if pixels > MAX_PIXELS:
+        raise DataError(f"{label}: {pixels} pixel values exceed the limit of {MAX_PIXELS} "
+                        "(a decompression bomb, or a scene to tile before training)")
+
+
+def _read_tiff(f: BinaryIO, label: str) -> np.ndarray:
+    f.seek(0)
     try:
-        return tifffile.imread(path)
+        with tifffile.TiffFile(f) as tif:
+            _check_size(int(np.prod(tif.series[0].shape)), label)
+            return tif.asarray()
+    except DataError:
+        raise
     except Exception as err:  # tifffile raises many types for broken files
-        raise DataError(f"{path}: corrupt or unreadable TIFF ({err})".splitlines()[0]) from err
+        raise DataError(f"{label}: corrupt or unreadable TIFF ({err})".splitlines()[0]) from err
 
 
-def _read_pillow(path: Path) -> np.ndarray:
+@contextmanager
+def _pillow(f: BinaryIO, label: str) -> Iterator[Image.Image]:
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(f) as image:
+                _check_size(image.width * image.height * len(image.getbands()), label)
+                yield image
+    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        if isinstance(err, UnidentifiedImageError):
+            raise DataError(f"{label}: not an image file Pillow or tifffile can read") from err
+        raise DataError(f"{label}: refused as a decompression bomb ({err})") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{label}: corrupt or truncated image ({err})") from err
+
+
+def _read_pillow(f: BinaryIO, label: str) -> np.ndarray:
+    f.seek(0)
+    with _pillow(f, label) as image:
+        try:
             image.load()
-            if image.mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr"):
+            if image.mode in CONVERTED_TO_RGB or image.mode == "LA":
                 image = image.convert("RGB" if image.mode != "LA" else "L")
             return np.asarray(image)
-    except UnidentifiedImageError as err:
-        raise DataError(f"{path}: not an image file Pillow or tifffile can read") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: corrupt or truncated image ({err})") from err
+        except (OSError, SyntaxError, ValueError) as err:
+            raise DataError(f"{label}: corrupt or truncated image ({err})") from err
+
+
+def band_indices(bands: list[str], names: list[str], count: int, label: str) -> list[int]:
+    """Band picks (indices as digit strings, or names) as indices into a file of ``count`` bands."""
+    names = names or BAND_NAMES.get(count, [])
+    out = []
+    for band in bands:
+        if band.isdigit():
+            index = int(band)
+        elif band in names:
+            index = names.index(band)
+        else:
+            known = ", ".join(names) if names else "none known for this band count; set the source's band names"
+            raise DataError(f"{label}: no band named '{band}' (names: {known})")
+        if index >= count:
+            raise DataError(f"{label}: has {count} bands, band index {index} asked for")
+        out.append(index)
+    return out
 
 
 def to_unit_range(array: np.ndarray, scaling: ScalingConfig, path: str | Path) -> np.ndarray:
     """Map raw pixel values to float32 in [0, 1] according to ``scaling``."""
+    if scaling.dtype and array.dtype.name != scaling.dtype:
+        raise DataError(f"{path}: pixels are {array.dtype.name} but the source's scaling expects {scaling.dtype}")
     x = array.astype(np.float32)
     if not np.isfinite(x).all():
         raise DataError(f"{path}: contains NaN or infinite pixel values")
@@ -98,10 +205,10 @@ def match_channels(array: np.ndarray, channels: int, path: str | Path, key: str)
     raise DataError(f"{path}: has {have} channels but config key '{key}' expects {channels}")
 
 
-def load_unit_image(path: str | Path, scaling: ScalingConfig, channels: int, key: str,
-                    bands: list[int] | None = None) -> np.ndarray:
-    """Read one file and turn it into a float32 (H, W, C) array in [0, 1] (see :func:`unit_array`)."""
-    return unit_array(read_image(path), scaling, channels, path, key, bands)
+def load_unit_image(path: ImageFile, scaling: ScalingConfig, channels: int, key: str,
+                    bands: list[int] | None = None, name: str | None = None) -> np.ndarray:
+    """Read one file (or its bytes, called ``name``) as a float32 (H, W, C) array in [0, 1] (see :func:`unit_array`)."""
+    return unit_array(read_image(path, name), scaling, channels, name or str(path), key, bands)
 
 
 def unit_array(array: np.ndarray, scaling: ScalingConfig, channels: int, path: str | Path, key: str,

@@ -2,7 +2,8 @@
 
 Each epoch is a shuffled list of step groups. A group holds one batch per rank, all
 of the same kind, so every rank runs the same kind of batch at the same step (the
-cross-process contrastive negatives never mix kinds). A paired batch is B pairs; an
+cross-process contrastive negatives never mix kinds). Each source contributes
+``weight x size`` draws per epoch (the mixture weights). A paired batch is B pairs; an
 unpaired batch is B optical + B SAR images (optical:SAR 1:1), the smaller unpaired
 pool cycling to match the larger. Every index carries its own augmentation seed,
 so the whole epoch, augmentations included, is a pure function of (seed, epoch).
@@ -19,12 +20,43 @@ from codemae.errors import DataError
 
 
 @dataclass(frozen=True)
-class Pools:
-    """Dataset indices by kind: paired samples, unpaired optical, unpaired SAR."""
+class Part:
+    """The dataset indices of one source and its sampling weight."""
 
-    paired: np.ndarray
-    opt: np.ndarray
-    sar: np.ndarray
+    indices: np.ndarray
+    weight: float = 1.0
+
+    @property
+    def size(self) -> int:
+        """Samples drawn from this source per epoch."""
+        return int(round(self.weight * len(self.indices)))
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        """One epoch's draws: every index ``floor(weight)`` times, the fractional rest at random."""
+        copies, rest = divmod(self.size, len(self.indices)) if len(self.indices) else (0, 0)
+        return np.concatenate([np.tile(self.indices, copies), rng.permutation(self.indices)[:rest]])
+
+
+@dataclass(frozen=True)
+class Pools:
+    """Dataset indices by kind (paired samples, unpaired optical, unpaired SAR), one part per source."""
+
+    paired: tuple[Part, ...]
+    opt: tuple[Part, ...]
+    sar: tuple[Part, ...]
+
+    @classmethod
+    def of(cls, paired: np.ndarray, opt: np.ndarray, sar: np.ndarray) -> Pools:
+        """Pools of one unweighted part per kind."""
+        return cls(*(((Part(np.asarray(i)),) if len(i) else ()) for i in (paired, opt, sar)))
+
+    def size(self, kind: str) -> int:
+        return sum(part.size for part in getattr(self, kind))
+
+    def draw(self, kind: str, rng: np.random.Generator) -> np.ndarray:
+        """One epoch's shuffled draws of ``kind``, each source contributing its weighted share."""
+        parts = [part.draw(rng) for part in getattr(self, kind)]
+        return rng.permutation(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -48,12 +80,12 @@ class HomogeneousBatchSampler:
         self.epoch = 0
         self.start = 0
         step = batch_size * world_size
-        self.num_paired = len(pools.paired) // step
-        self.num_unpaired = max(len(pools.opt), len(pools.sar)) // step
+        self.num_paired = pools.size("paired") // step
+        self.num_unpaired = max(pools.size("opt"), pools.size("sar")) // step
         if self.num_paired + self.num_unpaired == 0:
             raise DataError(
-                f"not enough data for one step: {len(pools.paired)} pairs, {len(pools.opt)} optical and "
-                f"{len(pools.sar)} SAR unpaired images, but a step needs {batch_size} x {world_size} processes"
+                f"not enough data for one step: {pools.size('paired')} pairs, {pools.size('opt')} optical and "
+                f"{pools.size('sar')} SAR unpaired images, but a step needs {batch_size} x {world_size} processes"
             )
 
     def __len__(self) -> int:
@@ -70,12 +102,12 @@ class HomogeneousBatchSampler:
         b, w = self.batch_size, self.world_size
         groups = []
         if self.num_paired:
-            paired = rng.permutation(self.pools.paired)[: self.num_paired * b * w]
+            paired = self.pools.draw("paired", rng)[: self.num_paired * b * w]
             groups += [(True, chunk.reshape(w, b)) for chunk in paired.reshape(self.num_paired, b * w)]
         if self.num_unpaired:
             n = self.num_unpaired * b * w
-            parts = [np.resize(rng.permutation(pool), n).reshape(self.num_unpaired, w, b)
-                     for pool in (self.pools.opt, self.pools.sar) if len(pool)]
+            draws = [self.pools.draw(kind, rng) for kind in ("opt", "sar")]
+            parts = [np.resize(d, n).reshape(self.num_unpaired, w, b) for d in draws if len(d)]
             unpaired = np.concatenate(parts, axis=2)
             groups += [(False, chunk) for chunk in unpaired]
         order = rng.permutation(len(groups))

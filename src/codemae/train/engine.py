@@ -88,6 +88,14 @@ def attach_teacher(method: torch.nn.Module, cfg: Config, device: torch.device) -
         log.info("OKD teacher: %s from %s (%d-d features, live)", teacher_cfg.kind, teacher_cfg.path, teacher.dim)
 
 
+def nonfinite(terms: dict[str, float], grad_norm: float) -> str:
+    """What went bad, naming the loss terms (rank-averaged values); '' if all is finite."""
+    bad = {name: v for name, v in terms.items() if not math.isfinite(v)}
+    if bad:
+        return "non-finite loss " + ", ".join(f"'{k}' = {v}" for k, v in bad.items())
+    return "" if math.isfinite(grad_norm) else f"non-finite gradient norm ({grad_norm})"
+
+
 def step_seed(seed: int, micro_step: int, rank: int) -> int:
     return ((seed * 1_000_003 + micro_step) * 1_009 + rank) % (2**63 - 1)
 
@@ -115,10 +123,12 @@ class Trainer:
         self.warmup_steps = tc.warmup_epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(self.method, self.peak_lr, tc.weight_decay, tc.betas)
         self.step = self.resume()
+        self.skipped_steps = 0
+        self.skipped_samples = 0
         self.model = self.method
         if info.enabled:
             pools = dataset.pools()
-            single = (len(pools.opt) == 0) != (len(pools.sar) == 0)  # one unpaired modality only
+            single = (pools.size("opt") == 0) != (pools.size("sar") == 0)  # one unpaired modality only
             self.model = DistributedDataParallel(self.method, find_unused_parameters=single)
         self.metrics = MetricsLog(run_dir, self.step) if info.is_main else None
         if info.is_main:
@@ -168,6 +178,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{row['total']:.4f}")
                 if self.metrics and (self.step % tc.log_every == 0 or self.step == self.stop_at):
                     self.metrics.log(row)
+                self.skipped_samples += int(row["skipped_samples"])
+                if in_epoch == self.steps_per_epoch and self.skipped_samples and self.info.is_main:
+                    log.warning("epoch %d: %d unreadable samples skipped so far (data.on_error=skip)", epoch,
+                                self.skipped_samples)
                 if self.step % tc.ckpt_every == 0 or in_epoch == self.steps_per_epoch or self.step == self.stop_at:
                     self.checkpoint()
         bar.close()
@@ -179,8 +193,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sums: dict[str, torch.Tensor] = {}
+        skipped_samples = torch.zeros((), device=device)
         for micro in range(tc.accum_steps):
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+            skipped_samples += batch.pop("skipped").sum()
             torch.manual_seed(step_seed(self.cfg.seed, self.step * tc.accum_steps + micro, self.info.rank))
             last = micro == tc.accum_steps - 1
             sync = contextlib.nullcontext() if last or not self.info.enabled else self.model.no_sync()
@@ -188,28 +204,25 @@ class Trainer:
                 terms = self.model(batch)
                 total = sum(terms.values())
                 reduced = all_reduce_mean(torch.stack([t.detach().float() for t in terms.values()]), self.info)
-                self.guard(dict(zip(terms, reduced.tolist())))
                 (total / tc.accum_steps).backward()
             for name, value in zip(terms, reduced):
                 sums[name] = sums.get(name, 0.0) + value / tc.accum_steps
         grad_norm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), tc.clip_grad or float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise TrainingError(f"non-finite gradient norm at step {self.step}; stopped before the update, "
+        values = {name: float(v) for name, v in sums.items()}
+        problem = nonfinite(values, float(grad_norm))
+        if problem and tc.on_nonfinite == "stop":
+            raise TrainingError(f"{problem} at step {self.step}; stopped before the update, "
                                 f"last good checkpoint {self.run_dir / CHECKPOINT} kept")
-        self.optimizer.step()
+        if problem:  # every rank sees the same all-reduced values, so all skip together
+            log.warning("%s at step %d; update skipped (train.on_nonfinite=skip)", problem, self.step)
+            self.skipped_steps += 1
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        values = {name: float(v) for name, v in sums.items()}
         return {"step": self.step, "epoch": epoch, "lr": lr, "total": sum(values.values()), **values,
-                "grad_norm": float(grad_norm)}
-
-    def guard(self, terms: dict[str, float]) -> None:
-        """Stop before the update if any (rank-averaged) loss term is NaN or infinite."""
-        bad = {name: v for name, v in terms.items() if not math.isfinite(v)}
-        if bad:
-            named = ", ".join(f"'{k}' = {v}" for k, v in bad.items())
-            raise TrainingError(f"non-finite loss at step {self.step}: {named}; stopped before the update, "
-                                f"last good checkpoint {self.run_dir / CHECKPOINT} kept")
+                "grad_norm": float(grad_norm),
+                "skipped_samples": float(all_reduce_mean(skipped_samples, self.info)) * self.info.world_size}
 
     def finish(self, seconds: float, steps: int) -> dict:
         in_sync = params_in_sync(self.method, self.info)
@@ -220,6 +233,8 @@ class Trainer:
             "effective_batch": self.effective_batch,
             "peak_lr": self.peak_lr,
             "ranks_in_sync": in_sync,
+            "skipped_samples": self.skipped_samples,
+            "skipped_steps": self.skipped_steps,
             "seconds": round(seconds, 2),
             "pairs_per_s": round(steps * self.effective_batch / 2 / seconds, 2) if steps and seconds else None,
             "final": self.metrics.rows[-1] if self.metrics and self.metrics.rows else None,

@@ -5,20 +5,22 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-NOT_LOSSES = ("step", "epoch", "lr", "grad_norm")
+NOT_LOSSES = ("step", "epoch", "lr", "grad_norm", "skipped_samples")
 
 
 class MetricsLog:
     """Appends rows ``{step, epoch, lr, <terms>}`` to ``metrics.csv`` and TensorBoard.
 
     On resume, rows beyond the resumed step are dropped so the log matches the weights.
+    Rows may differ in their terms (an unpaired batch has no contrastive loss): a new term
+    adds a column, and a row without it leaves the cell empty.
     """
 
     def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool = True) -> None:
         self.path = run_dir / "metrics.csv"
         self.rows = read_metrics(self.path)
         self.rows = [r for r in self.rows if r["step"] <= resume_step]
-        self.fields = list(self.rows[0]) if self.rows else []
+        self.fields = list(dict.fromkeys(k for r in self.rows for k in r))
         self._rewrite()
         self.writer = None
         if tensorboard:
@@ -27,12 +29,14 @@ class MetricsLog:
             self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def log(self, row: dict[str, float]) -> None:
-        if not self.fields:
-            self.fields = list(row)
-            self._rewrite()
         self.rows.append(row)
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
+        new = [k for k in row if k not in self.fields]
+        if new:
+            self.fields += new
+            self._rewrite()
+        else:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, self.fields).writerow(row)
         if self.writer is not None:
             for key, value in row.items():
                 if key not in ("step", "epoch"):
@@ -41,7 +45,7 @@ class MetricsLog:
     def _rewrite(self) -> None:
         with self.path.open("w", newline="") as f:
             if self.fields:
-                writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
+                writer = csv.DictWriter(f, self.fields)
                 writer.writeheader()
                 writer.writerows(self.rows)
 
@@ -54,7 +58,7 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     with path.open(newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
 
 
 def plot_losses(rows: list[dict[str, float]], out: Path, title: str) -> None:
@@ -66,12 +70,13 @@ def plot_losses(rows: list[dict[str, float]], out: Path, title: str) -> None:
 
     if not rows:
         return
-    terms = [k for k in rows[0] if k not in NOT_LOSSES]
-    steps = [r["step"] for r in rows]
+    terms = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in NOT_LOSSES]
     fig, ax = plt.subplots(figsize=(7, 4))
     for term in terms:
-        ax.plot(steps, [r[term] for r in rows], label=term, linewidth=1.2 if term == "total" else 0.9)
-    if all(r[t] > 0 for r in rows for t in terms):
+        have = [r for r in rows if term in r]
+        ax.plot([r["step"] for r in have], [r[term] for r in have], label=term,
+                linewidth=1.2 if term == "total" else 0.9)
+    if all(r[t] > 0 for r in rows for t in terms if t in r):
         ax.set_yscale("log")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("loss")
