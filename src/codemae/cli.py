@@ -205,6 +205,25 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shard(args: argparse.Namespace) -> int:
+    from codemae.config import load_config
+    from codemae.data.shards import read_manifest, write_shards
+
+    manifest = write_shards(load_config(args.source, args.overrides), Path(args.out), args.samples_per_shard)
+    for s in read_manifest(str(manifest.parent)):
+        print(f"{s.name}: {s.kind}, {s.samples} samples in {len(s.shards)} shards")
+    print(f"wrote {manifest}; train on it with a source {{layout: shards, root: {manifest.parent}}}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from codemae.export import export_encoder
+
+    out = export_encoder(args.checkpoint, args.out)
+    print(f"wrote {out} (encoder.safetensors, config.json); load it with codemae.load_encoder('{out}')")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from codemae.bench import run_bench
 
@@ -249,6 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixels", action="store_true", help="decode every image as training would (slow)")
     p.add_argument("--workers", type=int, default=8, help="threads reading headers")
     p.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("shard", help="convert folder sources into WebDataset tar shards with a manifest",
+                       description="Writes <out>/<source>/shard-NNNNNN.tar per source (paired and unpaired apart) "
+                                   "and <out>/manifest.json with statistics, counts and SHA-256 checksums.")
+    p.add_argument("--source", required=True, help="config whose data.sources to shard")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/datasets/OSPretrain")
+    p.set_defaults(func=cmd_shard)
+
+    p = sub.add_parser("export", help="write a checkpoint's encoder as safetensors + config.json",
+                       description="The weights encode() needs (no optimiser state, no decoders) as "
+                                   "safetensors, loadable with codemae.load_encoder(DIR).")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("teacher-cache", help="run the OKD teacher once over the data and store its features",
                        description="Writes the teacher's patch features of every optical image of the "

@@ -121,6 +121,7 @@ class DataConfig:
     kinds: list[SourceKind] = field(default_factory=lambda: ["paired", "opt", "sar", "synthetic"])
     root: str = ""
     on_error: Literal["raise", "skip"] = "raise"
+    shuffle_buffer: int = 1000  # shards: samples held per stream for shuffling
     batch_size: int = 32
     num_workers: int = 2
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
@@ -228,6 +229,7 @@ class TrainConfig:
     clip_grad: Optional[float] = None
     precision: Literal["fp32", "bf16"] = "fp32"
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
+    dist_timeout_s: int = 600  # a collective waiting this long for a dead or hung peer fails the run
     device: Literal["auto", "cpu", "cuda"] = "auto"
     ckpt_every: int = 500
     log_every: int = 10
@@ -294,8 +296,9 @@ def validate(cfg: Config) -> None:
         "model.opt_channels": cfg.model.opt_channels, "model.sar_channels": cfg.model.sar_channels,
         "method.decoder_dim": cfg.method.decoder_dim, "method.decoder_heads": cfg.method.decoder_heads,
         "data.batch_size": cfg.data.batch_size, "data.stats_samples": cfg.data.stats_samples,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
         "train.epochs": cfg.train.epochs, "train.accum_steps": cfg.train.accum_steps,
-        "train.ckpt_every": cfg.train.ckpt_every, "train.log_every": cfg.train.log_every,
+        "train.ckpt_every": cfg.train.ckpt_every, "train.dist_timeout_s": cfg.train.dist_timeout_s, "train.log_every": cfg.train.log_every,
         "train.base_lr": cfg.train.base_lr,
     }
     for key, value in positive.items():

@@ -54,6 +54,8 @@ def check_source(cfg: SourceConfig, channels: dict[str, int], data_root: str = "
     if cfg.kind == "synthetic":
         report.samples = cfg.synthetic.num_scenes
         return report
+    if cfg.layout == "shards":
+        return check_shards(cfg, data_root, pixels, report)
     listing = list_source(cfg, source_root(cfg, data_root))
     report.problems += listing.problems
     if listing.leaks:
@@ -66,6 +68,30 @@ def check_source(cfg: SourceConfig, channels: dict[str, int], data_root: str = "
         report.problems.append(f"{report.samples} samples found, {cfg.expected} expected")
     for m in source_modalities(cfg):
         check_channels(cfg, m, channels[m], report)
+    return report
+
+
+def check_shards(cfg: SourceConfig, data_root: str, verify: bool, report: SourceReport) -> SourceReport:
+    """A shard set: the manifest's counts, every local shard present at its size (and, with ``verify``,
+    its SHA-256)."""
+    from codemae.data.shards import join, read_manifest, sha256
+
+    root = cfg.root if "://" in cfg.root else str(source_root(cfg, data_root))
+    try:
+        sources = [s for s in read_manifest(root) if not cfg.dataset or s.name == cfg.dataset]
+    except DataError as err:
+        report.problems.append(str(err))
+        return report
+    report.samples = sum(s.samples for s in sources)
+    for source in sources:
+        for shard in source.shards:
+            path = Path(join(root, shard.path))
+            if "://" in root:
+                continue
+            if not path.is_file() or path.stat().st_size != shard.bytes:
+                report.problems.append(f"shard {path}: missing or not {shard.bytes} bytes as the manifest says")
+            elif verify and sha256(path) != shard.sha256:
+                report.problems.append(f"shard {path}: SHA-256 differs from the manifest (corrupt)")
     return report
 
 

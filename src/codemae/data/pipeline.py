@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from codemae.config import Config, SourceConfig
 from codemae.data.sampling import HomogeneousBatchSampler, Part, Pools
+from codemae.data.shards import ShardStream, shard_sources
 from codemae.data.sources import Source, build_source
 from codemae.data.stats import compute_stats, load_stats, save_stats
 from codemae.data.teacher_cache import TeacherFeatureCache
@@ -144,6 +145,29 @@ def build_dataset(cfg: Config, run_dir: Path, write_stats: bool = True) -> Pretr
         caches = [TeacherFeatureCache(cfg.method.teacher.cache, s) if "opt" in s.modalities else None for s in sources]
     return PretrainDataset(sources, transforms, caches, cfg.model.img_size // cfg.model.patch_size,
                            cfg.data.on_error)
+
+
+def build_training_data(cfg: Config, run_dir: Path, world_size: int, rank: int, write_stats: bool
+                        ) -> tuple[DataLoader, HomogeneousBatchSampler | ShardStream, set[str]]:
+    """The training loader, its epoch schedule (``len``, ``set_epoch``) and the source kinds in use.
+
+    Folder and synthetic sources load by index through a batch sampler; shard sets stream.
+    """
+    layouts = {s.layout == "shards" for s in cfg.data.sources}
+    if layouts == {True}:
+        if cfg.method.okd and cfg.method.teacher.cache:
+            raise ConfigError("config key 'method.teacher.cache': the teacher feature cache reads folder sources "
+                              "by index; with shards, run the teacher live (leave the cache empty)")
+        stream = ShardStream(*shard_sources(cfg), cfg, world_size, rank)
+        loader = DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
+                            pin_memory=torch.cuda.is_available())
+        return loader, stream, stream.kinds()
+    if len(layouts) > 1:
+        raise ConfigError("config key 'data.sources': shard sets stream and cannot be mixed with folder sources; "
+                          "shard every source (codemae shard) or none")
+    dataset = build_dataset(cfg, run_dir, write_stats)
+    loader = build_loader(cfg, dataset, world_size, rank)
+    return loader, loader.batch_sampler, {s.kind for s in cfg.data.sources}
 
 
 def build_loader(cfg: Config, dataset: PretrainDataset, world_size: int, rank: int) -> DataLoader:

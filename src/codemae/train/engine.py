@@ -16,14 +16,15 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from codemae import __version__
 from codemae.config import Config, to_dict
-from codemae.data.pipeline import build_dataset, build_loader
-from codemae.errors import ConfigError, TrainingError
+from codemae.data.pipeline import build_training_data
+from codemae.errors import ConfigError, TrainingError, one_line
 from codemae.methods import build_method
 from codemae.models.teacher import build_teacher
 from codemae.train.checkpoint import load_checkpoint, save_atomic
@@ -37,13 +38,18 @@ CHECKPOINT = Path("checkpoints") / "last.pt"
 
 def pretrain(cfg: Config) -> dict:
     """Run (or resume) the pretraining described by ``cfg``; returns the run summary."""
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    run_dir = Path(cfg.run_dir)
     try:
-        run_dir = Path(cfg.run_dir)
         if info.is_main:
             prepare_run_dir(run_dir)
         setup_logging(run_dir, info)
         return Trainer(cfg, info, run_dir).fit()
+    except dist.DistError as err:  # a peer died (connection closed) or a collective timed out
+        raise TrainingError(
+            f"rank {info.rank}: another process of the run failed or stopped answering "
+            f"({one_line(err)}); the last checkpoint {run_dir / CHECKPOINT} is intact, relaunch to resume"
+        ) from err
     finally:
         shutdown()
 
@@ -109,9 +115,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.method = build_method(cfg).to(info.device)
         attach_teacher(self.method, cfg, info.device)
-        dataset = build_dataset(cfg, run_dir, write_stats=info.is_main)
-        self.loader = build_loader(cfg, dataset, info.world_size, info.rank)
-        self.sampler = self.loader.batch_sampler
+        self.loader, self.sampler, kinds = build_training_data(cfg, run_dir, info.world_size, info.rank,
+                                                               write_stats=info.is_main)
         self.steps_per_epoch = len(self.sampler) // tc.accum_steps
         if self.steps_per_epoch == 0:
             raise ConfigError(f"config key 'train.accum_steps': {tc.accum_steps} exceeds the "
@@ -127,8 +132,7 @@ class Trainer:
         self.skipped_samples = 0
         self.model = self.method
         if info.enabled:
-            pools = dataset.pools()
-            single = (pools.size("opt") == 0) != (pools.size("sar") == 0)  # one unpaired modality only
+            single = ("opt" in kinds) != ("sar" in kinds)  # one unpaired modality only
             self.model = DistributedDataParallel(self.method, find_unused_parameters=single)
         self.metrics = MetricsLog(run_dir, self.step) if info.is_main else None
         if info.is_main:

@@ -1,0 +1,374 @@
+"""WebDataset shards: writing them from folder sources, and streaming them into training.
+
+``codemae shard`` turns each folder source into tar shards of ``samples_per_shard``
+samples (paired and unpaired sources never share a shard) and writes a manifest
+with the per-source statistics, every shard's sample count, size and SHA-256. A
+sample is the source's original file bytes (``<key>.opt.<ext>``, ``<key>.sar.<ext>``)
+and, for tiled sources, ``<key>.json`` with the tile box, so the source's own band
+picks and scaling decode it exactly as from the folder.
+
+:class:`ShardStream` reads them as an ``IterableDataset`` of whole batches. Every
+epoch, every rank and every loader worker derive the same plan from (seed, epoch):
+each kind's shards shuffled (mixture weights repeat or subsample shards) and dealt
+to the ``ranks x workers`` slots so each slot gets a near-equal sample count; a
+sequence of rounds, each entirely paired or unpaired, as many as the smallest slot
+can fill. In a round each worker of each rank yields one batch (the DataLoader takes
+workers in turn), so all ranks run the same kind at the same step. Samples pass a
+seeded shuffle buffer; the remainder a slot cannot fill a round with is left for
+that epoch. Memory holds the manifest's shard list and one buffer per stream, never
+a per-sample index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from codemae.config import Config, SourceConfig, from_dict, to_dict
+from codemae.data.sampling import Part
+from codemae.data.sources import FolderSource, load_source_image, source_root
+from codemae.data.transforms import Normalisation, PairedCrop
+from codemae.errors import DataError
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+FORMAT = "codemae-shards"
+KINDS = ("paired", "opt", "sar")
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str  # relative to the manifest's folder or URL
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class ShardedSource:
+    """One source of a shard set, as its manifest describes it."""
+
+    name: str
+    kind: str
+    modalities: tuple[str, ...]
+    samples: int
+    source: SourceConfig
+    stats: dict[str, Normalisation]
+    shards: list[Shard]
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+
+
+def write_shards(cfg: Config, out: Path, samples_per_shard: int) -> Path:
+    """Shard every folder source of ``cfg`` into ``out``, with its statistics (given, from a file, or
+    computed over ``data.stats_samples`` samples); return the manifest's path."""
+    from webdataset import TarWriter
+
+    from codemae.data.pipeline import source_stats
+
+    channels = {"opt": cfg.model.opt_channels, "sar": cfg.model.sar_channels}
+    entries = []
+    for source_cfg in cfg.data.sources:
+        if source_cfg.kind == "synthetic" or source_cfg.layout == "shards":
+            raise DataError(f"source '{source_cfg.name}': only folder sources can be sharded")
+        source = FolderSource(source_cfg, channels, cfg.data.root)
+        stats = source_stats(source, source_cfg, out / "stats" / f"{source.name}.json", cfg.data.stats_samples, True)
+        folder = out / source.name
+        folder.mkdir(parents=True, exist_ok=True)
+        shards = []
+        for start in range(0, len(source), samples_per_shard):
+            path = folder / f"shard-{start // samples_per_shard:06d}.tar"
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            indices = range(start, min(start + samples_per_shard, len(source)))
+            with tmp.open("wb") as f, TarWriter(f, encoder=False) as writer:
+                for i in indices:
+                    writer.write(record_of(source, i))
+            os.replace(tmp, path)
+            shards.append(Shard(str(path.relative_to(out)), len(indices), path.stat().st_size, sha256(path)))
+        kept = dataclasses.replace(source_cfg, root="", split=None, split_csv=None, splits=[], exclude=[])
+        entries.append({"name": source.name, "kind": source_cfg.kind, "modalities": list(source.modalities),
+                        "samples": len(source), "source": to_dict(kept),
+                        "stats": {m: dataclasses.asdict(s) for m, s in stats.items()},
+                        "shards": [dataclasses.asdict(s) for s in shards]})
+        log.info("source '%s': %d samples in %d shards", source.name, len(source), len(shards))
+    manifest = out / MANIFEST
+    tmp = manifest.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"format": FORMAT, "version": 1, "sources": entries}, indent=1) + "\n")
+    os.replace(tmp, manifest)
+    return manifest
+
+
+def record_of(source: FolderSource, index: int) -> dict[str, bytes | str]:
+    """One sample as a WebDataset record: the original file bytes, plus the tile box when tiled."""
+    file, top, left = source.tiles[index]
+    record: dict[str, bytes | str] = {"__key__": f"{index:09d}"}
+    for m, path in source.files[file].items():
+        record[f"{m}{path.suffix.lower()}"] = path.read_bytes()
+    if source.cfg.tile:
+        record["json"] = json.dumps({"stem": source.stems[index], "tile": [top, left, source.cfg.tile]}).encode()
+    return record
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------
+
+
+def join(root: str, relative: str) -> str:
+    return f"{root.rstrip('/')}/{relative}" if "://" in root or root.startswith("pipe:") else str(Path(root) / relative)
+
+
+def open_url(url: str):
+    """A binary stream of a local path or any URL WebDataset's ``gopen`` handles (http(s), pipe:, gs://...)."""
+    from webdataset.gopen import gopen
+
+    try:
+        return gopen(url, "rb")
+    except Exception as err:  # gopen raises OSError, ValueError or a subprocess error per scheme
+        raise DataError(f"{url}: cannot open ({err})") from err
+
+
+def read_manifest(root: str) -> list[ShardedSource]:
+    url = join(root, MANIFEST)
+    try:
+        with open_url(url) as f:
+            data = json.loads(f.read())
+        if data.get("format") != FORMAT:
+            raise DataError(f"{url}: not a codemae shard manifest")
+        return [ShardedSource(e["name"], e["kind"], tuple(e["modalities"]), e["samples"],
+                              from_dict(SourceConfig, e["source"], "source"),
+                              {m: Normalisation(**s) for m, s in e["stats"].items()},
+                              [Shard(**s) for s in e["shards"]]) for e in data["sources"]]
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{url}: malformed shard manifest ({err})") from err
+
+
+def iter_records(url: str) -> Iterator[dict[str, bytes]]:
+    """The records of one shard in order: {"__key__", "<ext>": bytes, ...}; a broken tar names the shard."""
+    with open_url(url) as stream:
+        record: dict[str, bytes] = {}
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isreg():
+                        continue
+                    key, _, ext = Path(member.name).name.partition(".")
+                    if record and key != record["__key__"]:
+                        yield record
+                        record = {}
+                    record["__key__"] = key
+                    record[ext] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise DataError(f"shard {url}: corrupt tar ({err}) after record '{record.get('__key__')}'") from err
+        if record:
+            yield record
+
+
+def decode_record(record: dict[str, bytes], source: ShardedSource, channels: dict[str, int], url: str
+                  ) -> dict[str, np.ndarray]:
+    """A record's arrays in [0, 1], decoded with the source's band picks and scaling (tile cut out)."""
+    arrays = {}
+    for m in source.modalities:
+        member = next((ext for ext in record if ext.startswith(f"{m}.")), None)
+        name = f"{url}:{record['__key__']}.{member or m}"
+        if member is None:
+            raise DataError(f"{name}: record has no {m} image")
+        arrays[m] = load_source_image(source.source, channels, m, record[member], name)
+    if "json" in record:
+        top, left, size = json.loads(record["json"])["tile"]
+        arrays = {m: a[top : top + size, left : left + size] for m, a in arrays.items()}
+    if len({a.shape[:2] for a in arrays.values()}) > 1:
+        raise DataError(f"{url}:{record['__key__']}: optical and SAR sizes differ")
+    return arrays
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One (rank, worker) reader's share of an epoch: shard indices per kind."""
+
+    shards: dict[str, list[int]]
+    samples: dict[str, int]
+
+
+class ShardStream(IterableDataset):
+    """Batches from shard sets (see the module docstring); ``len()`` is steps per epoch per rank.
+
+    A batch is what :func:`~codemae.data.pipeline.collate` makes, plus ``id``: (source, sample
+    index) per sample, and ``skipped``: unreadable records passed over (``data.on_error=skip``).
+    """
+
+    def __init__(self, sources: list[ShardedSource], roots: list[str], weights: list[float], cfg: Config,
+                 world_size: int = 1, rank: int = 0) -> None:
+        self.sources, self.roots, self.weights = sources, roots, weights
+        self.batch_size = cfg.data.batch_size
+        self.buffer = cfg.data.shuffle_buffer
+        self.on_error = cfg.data.on_error
+        self.seed = cfg.seed
+        self.world_size, self.rank = world_size, rank
+        self.workers = max(1, cfg.data.num_workers)
+        self.channels = {"opt": cfg.model.opt_channels, "sar": cfg.model.sar_channels}
+        self.transforms = [PairedCrop(cfg.model.img_size, cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.hflip,
+                                      s.stats) for s in sources]
+        # all shards, flattened: (source index, shard); kinds index into this list
+        self.shards = [(k, shard) for k, s in enumerate(sources) for shard in s.shards]
+        self.epoch, self.start = 0, 0
+        if len(self) == 0:
+            raise DataError(f"shards too few or too small for one step: {len(self.shards)} shards over "
+                            f"{world_size} processes x {self.workers} workers at batch {self.batch_size}; "
+                            "re-shard with fewer samples per shard")
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def kinds(self) -> set[str]:
+        return {s.kind for s in self.sources}
+
+    def plan(self, epoch: int) -> tuple[list[Slot], list[bool]]:
+        """Every slot's shards and the epoch's round kinds (True: paired); the same on every rank and worker."""
+        rng = np.random.default_rng([self.seed, epoch, 7])
+        slots = self.world_size * self.workers
+        dealt = [{kind: [] for kind in KINDS} for _ in range(slots)]
+        counts = np.zeros((slots, len(KINDS)), dtype=np.int64)
+        for j, kind in enumerate(KINDS):
+            parts = [Part(np.array([i for i, (k, _) in enumerate(self.shards) if k == src]), self.weights[src])
+                     for src, s in enumerate(self.sources) if s.kind == kind]
+            drawn = [i for part in parts for i in part.draw(rng).tolist()]
+            for i in rng.permutation(np.array(drawn, dtype=np.int64)).tolist():
+                slot = int(np.argmin(counts[:, j]))  # deal to the emptiest slot: near-equal sample counts
+                dealt[slot][kind].append(i)
+                counts[slot, j] += self.shards[i][1].samples
+        b = self.batch_size
+        paired = int(counts[:, 0].min()) // b
+        unpaired = 0
+        present = [j for j in (1, 2) if counts[:, j].any()]
+        if present and counts[:, present].min() > 0:  # every slot reads every unpaired modality there is
+            unpaired = int(counts[:, present].max(axis=1).min()) // b
+        elif present:
+            log.warning("unpaired shards too few to give each of %d readers both modalities; unpaired data unused "
+                        "this epoch (re-shard with fewer samples per shard)", slots)
+        rounds = rng.permutation(np.array([True] * paired + [False] * unpaired, dtype=bool)).tolist()
+        return [Slot(d, {kind: int(counts[s, j]) for j, kind in enumerate(KINDS)}) for s, d in enumerate(dealt)], rounds
+
+    def __len__(self) -> int:
+        return len(self.plan(0)[1]) * self.workers
+
+    def __iter__(self) -> Iterator[dict]:
+        from codemae.data.pipeline import collate
+
+        info = get_worker_info()
+        # the DataLoader takes workers in turn from worker 0, so after resuming at step ``start`` worker w
+        # reads the share whose batches are steps start + w, start + w + W, ... (its "lane")
+        lane = ((info.id if info is not None else 0) + self.start) % self.workers
+        slot_id = self.rank * self.workers + lane
+        slots, rounds = self.plan(self.epoch)
+        slot = slots[slot_id]
+        rng = np.random.default_rng([self.seed, self.epoch, slot_id])
+        streams = {kind: self.records(slot.shards[kind], np.random.default_rng([self.seed, self.epoch, slot_id, j]))
+                   for j, kind in enumerate(KINDS) if slot.shards[kind]}
+        for r, paired in enumerate(rounds):
+            skip = r * self.workers + lane < self.start  # resuming mid-epoch: consume without decoding
+            kinds = ["paired"] if paired else [k for k in ("opt", "sar") if k in self.kinds()]
+            items, skipped = [], 0
+            for kind in kinds:
+                for _ in range(self.batch_size):
+                    seed = int(rng.integers(0, 2**62))
+                    if skip:
+                        next(streams[kind])
+                        continue
+                    sample, bad = self.sample(streams[kind], seed)
+                    items.append(sample)
+                    skipped += bad
+            if not skip:
+                yield collate(items) | {"skipped": torch.tensor([skipped])}
+
+    def records(self, shards: list[int], rng: np.random.Generator) -> Iterator[tuple[int, str, dict]]:
+        """Endless (source, url, record) stream over ``shards``, each pass through a shuffle buffer that
+        is drained before the next pass begins (passes repeat only for the smaller unpaired modality, or
+        a stream short of samples after skipped corruption)."""
+        while True:
+            buffer: list[tuple[int, str, dict]] = []
+            for item in self.one_pass(shards):
+                buffer.append(item)
+                if len(buffer) >= self.buffer:
+                    yield self._pop_random(buffer, rng)
+            while buffer:
+                yield self._pop_random(buffer, rng)
+
+    @staticmethod
+    def _pop_random(buffer: list, rng: np.random.Generator):
+        j = int(rng.integers(len(buffer)))
+        buffer[j], buffer[-1] = buffer[-1], buffer[j]
+        return buffer.pop()
+
+    def one_pass(self, shards: list[int]) -> Iterator[tuple[int, str, dict]]:
+        """Every record of ``shards`` in order, checking each shard's count against the manifest."""
+        for i in shards:
+            k, shard = self.shards[i]
+            url = join(self.roots[k], shard.path)
+            seen = 0
+            try:
+                for record in iter_records(url):
+                    seen += 1
+                    yield k, url, record
+            except DataError as err:
+                if self.on_error == "raise":
+                    raise
+                log.warning("skipped the rest of a shard (data.on_error=skip): %s", err)
+            if seen != shard.samples and self.on_error == "raise":
+                raise DataError(f"shard {url}: {seen} samples, the manifest says {shard.samples} "
+                                "(truncated or replaced?)")
+
+    def sample(self, stream: Iterator[tuple[int, str, dict]], seed: int) -> tuple[dict, int]:
+        """The next decodable sample, augmented with ``seed``; with on_error=skip, bad records are counted."""
+        from codemae.data.pipeline import MAX_CONSECUTIVE_SKIPS
+
+        for bad in range(MAX_CONSECUTIVE_SKIPS):
+            k, url, record = next(stream)
+            try:
+                arrays = decode_record(record, self.sources[k], self.channels, url)
+            except DataError as err:
+                if self.on_error == "raise":
+                    raise
+                log.warning("skipped an unreadable sample (data.on_error=skip): %s", err)
+                continue
+            sample, _ = self.transforms[k](arrays, torch.Generator().manual_seed(seed))
+            sample["id"] = torch.tensor([k, int(record["__key__"])])  # (source, sample) for tracing
+            return sample, bad
+        raise DataError(f"{MAX_CONSECUTIVE_SKIPS} unreadable shard samples in a row")
+
+
+def shard_sources(cfg: Config) -> tuple[list[ShardedSource], list[str], list[float]]:
+    """The configured shard sets' sources (``dataset`` picks one source of a set), roots and weights
+    (each source's weight when it was sharded, times the shard-set entry's weight)."""
+    sources, roots, weights = [], [], []
+    for source_cfg in cfg.data.sources:
+        url = "://" in source_cfg.root or source_cfg.root.startswith("pipe:")
+        root = source_cfg.root if url else str(source_root(source_cfg, cfg.data.root))
+        for sharded in read_manifest(root):
+            if source_cfg.dataset and sharded.name != source_cfg.dataset:
+                continue
+            sources.append(sharded)
+            roots.append(root)
+            weights.append(source_cfg.weight * sharded.source.weight)  # the set's entry scales the stored weights
+    if not sources:
+        raise DataError("no shard sources found in the configured manifests")
+    return sources, roots, weights
