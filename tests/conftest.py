@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
-from codemae.config import Config, from_dict
+from codemae.config import Config, from_dict, to_dict
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def shared_data(name: str) -> Path:
@@ -57,3 +61,26 @@ def write_pairs(root: Path, n: int = 6, size: int = 40, sar_size: int | None = N
 @pytest.fixture
 def pairs_dir(tmp_path: Path) -> Path:
     return write_pairs(tmp_path / "pairs")
+
+
+def write_config(path: Path, **sections) -> Path:
+    """A tiny config as a YAML file, its run folder ``run`` beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(tiny_config(path.parent / "run", **sections))))
+    return path
+
+
+def run_cli(config: Path, *extra: str, launcher: tuple[str, ...] = (sys.executable, "-m")) -> subprocess.Popen:
+    """``codemae pretrain --config config extra...`` in a subprocess (optionally under a launcher)."""
+    cmd = [*launcher, "codemae.cli", "pretrain", "--config", str(config), *extra]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+class PicklePayload:
+    """Unpickling this creates ``path``: a checkpoint carrying it must be refused before that happens."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))

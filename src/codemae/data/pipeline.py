@@ -98,8 +98,8 @@ def collate(items: list[dict[str, Tensor]]) -> dict:
     return batch
 
 
-def source_stats(source: Source, cfg: SourceConfig, cache: Path, samples: int, write: bool
-                 ) -> dict[str, Normalisation]:
+def source_stats(source: Source, cfg: SourceConfig, cache: Path, samples: int, write: bool,
+                 skip_unreadable: bool = False) -> dict[str, Normalisation]:
     """Normalisation of one source: given in the config, from a stats file, none, or computed
     once and cached in the run folder."""
     if cfg.stats == "none":
@@ -112,7 +112,7 @@ def source_stats(source: Source, cfg: SourceConfig, cache: Path, samples: int, w
     if cache.is_file():
         return load_stats(cache, source.modalities)
     log.info("computing normalisation statistics of source '%s' over up to %d samples", source.name, samples)
-    stats = compute_stats(source, samples)
+    stats = compute_stats(source, samples, skip_unreadable=skip_unreadable)
     if write:
         save_stats(stats, cache, min(samples, len(source)))
     return stats
@@ -137,7 +137,7 @@ def build_dataset(cfg: Config, run_dir: Path, write_stats: bool = True) -> Pretr
     transforms = []
     for source_cfg, source in zip(cfg.data.sources, sources):
         norms = source_stats(source, source_cfg, run_dir / "stats" / f"{source.name}.json",
-                             cfg.data.stats_samples, write_stats)
+                             cfg.data.stats_samples, write_stats, cfg.data.on_error == "skip")
         transforms.append(PairedCrop(cfg.model.img_size, cfg.data.crop_scale, cfg.data.crop_ratio,
                                      cfg.data.hflip, norms))
     caches = None

@@ -13,8 +13,10 @@ from codemae.data.transforms import Normalisation
 from codemae.errors import DataError
 
 
-def compute_stats(source: Source, max_samples: int, indices: np.ndarray | None = None) -> dict[str, Normalisation]:
-    """Per-channel mean and std over up to ``max_samples`` evenly spaced samples (of ``indices``, if given)."""
+def compute_stats(source: Source, max_samples: int, indices: np.ndarray | None = None,
+                  skip_unreadable: bool = False) -> dict[str, Normalisation]:
+    """Per-channel mean and std over up to ``max_samples`` evenly spaced samples (of ``indices``, if
+    given); ``skip_unreadable`` passes over samples that fail to load (``data.on_error=skip``)."""
     pool = np.arange(len(source)) if indices is None else np.asarray(indices)
     n = len(pool)
     picks = pool[np.unique(np.linspace(0, n - 1, num=min(n, max_samples)).round().astype(int))]
@@ -22,7 +24,13 @@ def compute_stats(source: Source, max_samples: int, indices: np.ndarray | None =
     squares: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for i in picks:
-        for m, x in source.load(int(i)).items():
+        try:
+            arrays = source.load(int(i))
+        except DataError:
+            if not skip_unreadable:
+                raise
+            continue
+        for m, x in arrays.items():
             flat = x.reshape(-1, x.shape[2]).astype(np.float64)
             sums[m] = sums.get(m, 0) + flat.sum(0)
             squares[m] = squares.get(m, 0) + (flat**2).sum(0)

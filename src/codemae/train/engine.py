@@ -45,13 +45,26 @@ def pretrain(cfg: Config) -> dict:
             prepare_run_dir(run_dir)
         setup_logging(run_dir, info)
         return Trainer(cfg, info, run_dir).fit()
-    except dist.DistError as err:  # a peer died (connection closed) or a collective timed out
+    except RuntimeError as err:
+        if not (info.enabled and peer_failure(err)):
+            raise
         raise TrainingError(
             f"rank {info.rank}: another process of the run failed or stopped answering "
             f"({one_line(err)}); the last checkpoint {run_dir / CHECKPOINT} is intact, relaunch to resume"
         ) from err
     finally:
         shutdown()
+        close_logging()
+
+
+PEER_FAILURE_MARKS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout")
+
+
+def peer_failure(err: RuntimeError) -> bool:
+    """Whether ``err`` says another rank died or stopped answering (collective errors; gloo raises
+    plain RuntimeErrors naming its transport)."""
+    text = str(err).lower()
+    return isinstance(err, dist.DistError) or any(mark in text for mark in PEER_FAILURE_MARKS)
 
 
 def prepare_run_dir(run_dir: Path) -> None:
@@ -66,7 +79,7 @@ def prepare_run_dir(run_dir: Path) -> None:
 
 
 def setup_logging(run_dir: Path, info: DistInfo) -> None:
-    log.handlers.clear()
+    close_logging()
     log.setLevel(logging.INFO if info.is_main else logging.WARNING)
     log.propagate = False
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
@@ -76,6 +89,13 @@ def setup_logging(run_dir: Path, info: DistInfo) -> None:
     for handler in handlers:
         handler.setFormatter(formatter)
         log.addHandler(handler)
+
+
+def close_logging() -> None:
+    """Detach and close the run's handlers (the log file, and the console stream of this run)."""
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
 
 
 def attach_teacher(method: torch.nn.Module, cfg: Config, device: torch.device) -> None:
@@ -140,6 +160,10 @@ class Trainer:
 
     def resume(self) -> int:
         path = self.run_dir / CHECKPOINT
+        if self.info.is_main:
+            for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a write a crash interrupted
+                log.info("removing %s, left by a checkpoint write that did not finish", stale)
+                stale.unlink(missing_ok=True)
         if not path.is_file():
             return 0
         state = load_checkpoint(path)
