@@ -94,3 +94,17 @@ def test_fusmae_export_carries_its_fusion_weights(tmp_path):
     images = {"opt": torch.randn(2, 3, 32, 32), "sar": torch.randn(2, 1, 32, 32)}
     with torch.no_grad():
         assert torch.equal(exported.encode(images)["opt"], load_method(ckpt).encode(images)["opt"])
+
+
+def test_bench_reports_split_step_and_pipeline(tmp_path, capsys):
+    from codemae.bench import STEP_COLUMNS, run_bench
+
+    result = run_bench(["vit_tiny"], 32, 2, 1, None, str(tmp_path / "b.json"), workers=0)
+    (row,) = result["steps"]
+    parts = sum(row[f"{k}_s"] for k in ("data", "forward", "backward", "optimizer"))
+    assert parts == pytest.approx(row["step_s"], abs=2e-3) and row["data_s"] >= 0
+    assert 0 < row["utilisation"] and row["pairs_per_s"] == pytest.approx(2 / row["step_s"], rel=0.01)
+    assert set(result["pipeline_pairs_per_s"]) == {0, 1, 2} and all(v > 0 for v in result["pipeline_pairs_per_s"].values())
+    out = capsys.readouterr().out
+    assert " | ".join(STEP_COLUMNS) in out and "data pipeline alone" in out
+    assert json.loads((tmp_path / "b.json").read_text())["steps"][0]["backbone"] == "vit_tiny"

@@ -1,82 +1,126 @@
-"""``codemae bench``: training-step speed, memory and FLOP/s utilisation of the joint MAE.
+"""``codemae bench``: training throughput, step-time split, memory, data-pipeline speed and FLOP/s utilisation.
 
-Each backbone is measured in a fresh process (so peak RSS is its own) on random
-data: step time split into forward / backward / optimiser, pairs per second, and
-the step's FLOPs (counted by ``torch.utils.flop_counter``) per second next to the
-FLOP/s of a large float32 matmul on the same machine; their ratio is the
-utilisation figure.
+Each backbone is measured in a fresh process (so peak memory is its own): joint-MAE
+training steps fed by the real data pipeline (synthetic scenes through the paired
+crop, ``workers`` loader processes), the step split into data wait / forward /
+backward / optimiser, pairs per second, and the step's FLOPs (counted by
+``torch.utils.flop_counter``) per second next to the FLOP/s of a large matmul on
+the same device; their ratio is the utilisation figure. The data pipeline alone is
+timed with 0, 1 and 2 workers: it has to outrun the model. On a GPU every backbone
+is also measured in bf16 autocast, with CUDA peak memory.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from codemae.config import Config, MethodConfig, ModelConfig
-from codemae.methods import build_method
-from codemae.train.optim import build_optimizer
+from codemae.config import Config, DataConfig, MethodConfig, ModelConfig, SourceConfig, SyntheticConfig
+
+PIPELINE_WORKERS = (0, 1, 2)
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Best-of-``repeats`` GFLOP/s of an ``n x n`` float32 matmul (2 n^3 FLOPs)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 4096,
+                       repeats: int = 10) -> float:
+    """Best-of-``repeats`` GFLOP/s of an ``n x n`` matmul (2 n^3 FLOPs) on ``device`` in ``dtype``."""
+    n = n if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def measure_backbone(backbone: str, img_size: int, batch: int, steps: int, threads: int | None) -> dict:
+def bench_config(backbone: str, img_size: int, batch: int, workers: int) -> Config:
+    """Joint MAE on synthetic scenes (1.25x the input size, so the crop resamples), no statistics pass."""
+    scenes = SyntheticConfig(num_scenes=64 * batch, image_size=int(img_size * 1.25))  # no epoch end while timing
+    source = SourceConfig(name="synthetic", kind="synthetic", stats="none", synthetic=scenes)
+    return Config(model=ModelConfig(backbone=backbone, img_size=img_size), method=MethodConfig(),
+                  data=DataConfig(sources=[source], batch_size=batch, num_workers=workers))
+
+
+def endless(loader):
+    while True:
+        yield from loader
+
+
+def measure_backbone(backbone: str, img_size: int, batch: int, steps: int, threads: int | None, workers: int,
+                     precision: str) -> dict:
     """Time ``steps`` joint-MAE training steps (after 2 warm-up steps) of ``backbone``."""
+    from codemae.data.pipeline import build_training_data
+    from codemae.methods import build_method
+    from codemae.train.optim import build_optimizer
+
     if threads:
         torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = bench_config(backbone, img_size, batch, workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        loader, _, _ = build_training_data(cfg, Path(tmp), 1, 0, write_stats=False)
+    batches = endless(loader)
+
+    def fetch() -> dict:
+        raw = next(batches)
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in raw.items()
+                if k != "skipped"}
+
+    first = fetch()  # start the loader workers before torch's compute threads exist in this process
     torch.manual_seed(0)
-    cfg = Config(model=ModelConfig(backbone=backbone, img_size=img_size), method=MethodConfig())
-    model = build_method(cfg)
+    model = build_method(cfg).to(device)
     optimizer = build_optimizer(model, 1e-4, 0.05, [0.9, 0.95])
-    batch_dict = {"opt": torch.randn(batch, 3, img_size, img_size),
-                  "sar": torch.randn(batch, 1, img_size, img_size), "paired": True}
-    with FlopCounterMode(display=False) as counter:
-        sum(model(batch_dict).values()).backward()
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+    with FlopCounterMode(display=False) as counter, autocast:
+        sum(model(first).values()).backward()
     optimizer.zero_grad(set_to_none=True)
     step_flops = counter.get_total_flops()
-    times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times: dict[str, list[float]] = {"data": [], "forward": [], "backward": [], "optimizer": []}
     for i in range(steps + 2):
         t0 = time.perf_counter()
-        loss = sum(model(batch_dict).values())
-        _sync()
+        data = fetch()
+        _sync(device)
         t1 = time.perf_counter()
-        loss.backward()
-        _sync()
+        with autocast:
+            loss = sum(model(data).values())
+        _sync(device)
         t2 = time.perf_counter()
+        loss.backward()
+        _sync(device)
+        t3 = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync()
-        t3 = time.perf_counter()
+        _sync(device)
+        t4 = time.perf_counter()
         if i >= 2:
-            for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+            for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 times[key].append(value)
+    batches.close()
     step = [sum(parts) for parts in zip(*times.values())]
     mean_step = statistics.mean(step)
-    return {
-        "backbone": backbone,
-        "img_size": img_size,
-        "batch_pairs": batch,
+    peak = matmul_peak_gflops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    result = {
+        "backbone": backbone, "img_size": img_size, "batch_pairs": batch, "precision": precision,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "step_s": round(mean_step, 4),
         "step_s_std": round(statistics.stdev(step), 4) if len(step) > 1 else 0.0,
@@ -84,40 +128,76 @@ def measure_backbone(backbone: str, img_size: int, batch: int, steps: int, threa
         "pairs_per_s": round(batch / mean_step, 2),
         "step_gflop": round(step_flops / 1e9, 2),
         "achieved_gflops": round(step_flops / mean_step / 1e9, 2),
+        "matmul_peak_gflops": round(peak, 2),  # measured in this process, right after the steps
+        "utilisation": round(step_flops / mean_step / 1e9 / peak, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "threads": torch.get_num_threads(),
     }
+    if device.type == "cuda":
+        result["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return result
 
 
-def _child(queue: mp.Queue, *args) -> None:
-    queue.put(measure_backbone(*args))
+def measure_pipeline(img_size: int, batch: int, workers: int, batches: int = 8) -> float:
+    """Pairs per second of the data pipeline alone (after its first batch, i.e. worker start-up)."""
+    from codemae.data.pipeline import build_training_data
+
+    cfg = bench_config("vit_tiny", img_size, batch, workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        loader, _, _ = build_training_data(cfg, Path(tmp), 1, 0, write_stats=False)
+    stream = endless(loader)
+    next(stream)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    seconds = time.perf_counter() - start
+    stream.close()  # shut the workers down before the process exits
+    return round(batches * batch / seconds, 2)
+
+
+def _child(queue: mp.Queue, function, *args) -> None:
+    queue.put(function(*args))
+    queue.close()
+    queue.join_thread()
+    os._exit(0)  # the result is sent: skip interpreter teardown
+
+
+def in_fresh_process(function, *args):
+    """Run ``function(*args)`` in a fresh child forked from a clean fork server (never from this
+    process, whose compute threads would not survive a fork) and return its result; the child's peak
+    memory is its own."""
+    ctx = mp.get_context("forkserver")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, function, *args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+STEP_COLUMNS = ("backbone", "precision", "params_m", "pairs_per_s", "step_s", "data_s", "forward_s", "backward_s",
+                "optimizer_s", "step_gflop", "achieved_gflops", "matmul_peak_gflops", "utilisation", "peak_rss_mb",
+                "cuda_peak_mb")
 
 
 def run_bench(backbones: list[str], img_size: int, batch: int, steps: int, threads: int | None,
-              out: str | None) -> list[dict]:
-    """Measure each backbone in its own process, print a table, optionally write JSON."""
+              out: str | None, workers: int = 2) -> dict:
+    """Measure each backbone (fp32, and bf16 on a GPU) and the data pipeline; print tables, optionally JSON."""
     if threads:
         torch.set_num_threads(threads)
-    peak = round(matmul_peak_gflops(), 2)
-    ctx = mp.get_context("spawn")
-    results = []
-    for backbone in backbones:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(queue, backbone, img_size, batch, steps, threads))
-        proc.start()
-        result = queue.get()
-        proc.join()
-        result["matmul_peak_gflops"] = peak
-        result["utilisation"] = round(result["achieved_gflops"] / peak, 3)
-        results.append(result)
-    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"joint MAE training step, {img_size} px, batch {batch} pairs, fp32, {device}; "
-          f"float32 matmul peak {peak} GFLOP/s")
-    header = ("backbone", "params_m", "pairs_per_s", "step_s", "forward_s", "backward_s", "optimizer_s",
-              "step_gflop", "achieved_gflops", "utilisation", "peak_rss_mb")
-    print(" | ".join(header))
-    for r in results:
-        print(" | ".join(str(r[k]) for k in header))
+    precisions = ["fp32", "bf16"] if torch.cuda.is_available() else ["fp32"]
+    steps_table = [in_fresh_process(measure_backbone, backbone, img_size, batch, steps, threads, workers, precision)
+                   for backbone in backbones for precision in precisions]
+    pipeline = {w: in_fresh_process(measure_pipeline, img_size, batch, w) for w in PIPELINE_WORKERS}
+    print(f"joint MAE training step, {img_size} px, batch {batch} pairs, {workers} loader workers, "
+          f"{steps_table[0]['device']}; utilisation = achieved / matmul peak of the same process")
+    print(" | ".join(STEP_COLUMNS))
+    for r in steps_table:
+        print(" | ".join(str(r.get(k, "-")) for k in STEP_COLUMNS))
+    fastest = max(r["pairs_per_s"] for r in steps_table)
+    print(f"data pipeline alone (synthetic scenes -> paired crop, {img_size} px): "
+          + ", ".join(f"{w} workers {v} pairs/s" for w, v in pipeline.items())
+          + f"; fastest model above {fastest} pairs/s")
+    result = {"steps": steps_table, "pipeline_pairs_per_s": pipeline}
     if out:
-        Path(out).write_text(json.dumps(results, indent=2) + "\n")
-    return results
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
