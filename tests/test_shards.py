@@ -98,3 +98,14 @@ def test_pretraining_reads_shards(tmp_path):
 
     summary = pretrain(stream_cfg(tmp_path, shards))
     assert summary["step"] == 2 * (24 // 4 + 12 // 4) and summary["ranks_in_sync"]
+
+
+def test_shards_stream_from_a_url(tmp_path):
+    """Any URL WebDataset opens: here ``pipe:cat <folder>`` (the manifest and every shard through a pipe)."""
+    shards, _ = shard_set(tmp_path, pairs=24, per_shard=6)
+    local = stream_cfg(tmp_path, shards)
+    piped = stream_cfg(tmp_path, shards)
+    piped.data.sources[0].root = f"pipe:cat {shards}"
+    a = ShardStream(*shard_sources(local), local)
+    b = ShardStream(*shard_sources(piped), piped)
+    assert epoch_ids(a) == epoch_ids(b) and len({i for batch in epoch_ids(b) for i in batch}) == 24

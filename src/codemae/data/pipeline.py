@@ -159,6 +159,9 @@ def build_training_data(cfg: Config, run_dir: Path, world_size: int, rank: int, 
             raise ConfigError("config key 'method.teacher.cache': the teacher feature cache reads folder sources "
                               "by index; with shards, run the teacher live (leave the cache empty)")
         stream = ShardStream(*shard_sources(cfg), cfg, world_size, rank)
+        if cfg.method.name == "fusmae" and stream.kinds() != {"paired"}:
+            raise ConfigError("config key 'data.sources': Fus-MAE fuses the two images of a pair and needs paired "
+                              f"sources only; these shards hold {sorted(stream.kinds())}")
         loader = DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
                             pin_memory=torch.cuda.is_available())
         return loader, stream, stream.kinds()

@@ -34,7 +34,8 @@ class Part:
     def draw(self, rng: np.random.Generator) -> np.ndarray:
         """One epoch's draws: every index ``floor(weight)`` times, the fractional rest at random."""
         copies, rest = divmod(self.size, len(self.indices)) if len(self.indices) else (0, 0)
-        return np.concatenate([np.tile(self.indices, copies), rng.permutation(self.indices)[:rest]])
+        whole = np.tile(self.indices, copies)
+        return np.concatenate([whole, rng.permutation(self.indices)[:rest]]) if rest else whole
 
 
 @dataclass(frozen=True)

@@ -132,8 +132,13 @@ def sha256(path: Path) -> str:
 # ---- reading ---------------------------------------------------------------------------------------------------
 
 
+def is_url(root: str) -> bool:
+    """Whether a shard root is a URL (``https://``, ``gs://``, ``pipe:cmd``...) rather than a folder."""
+    return "://" in root or root.startswith("pipe:")
+
+
 def join(root: str, relative: str) -> str:
-    return f"{root.rstrip('/')}/{relative}" if "://" in root or root.startswith("pipe:") else str(Path(root) / relative)
+    return f"{root.rstrip('/')}/{relative}" if is_url(root) else str(Path(root) / relative)
 
 
 def open_url(url: str):
@@ -360,8 +365,7 @@ def shard_sources(cfg: Config) -> tuple[list[ShardedSource], list[str], list[flo
     (each source's weight when it was sharded, times the shard-set entry's weight)."""
     sources, roots, weights = [], [], []
     for source_cfg in cfg.data.sources:
-        url = "://" in source_cfg.root or source_cfg.root.startswith("pipe:")
-        root = source_cfg.root if url else str(source_root(source_cfg, cfg.data.root))
+        root = source_cfg.root if is_url(source_cfg.root) else str(source_root(source_cfg, cfg.data.root))
         for sharded in read_manifest(root):
             if source_cfg.dataset and sharded.name != source_cfg.dataset:
                 continue
