@@ -97,12 +97,15 @@ def renamed(files: dict[str, Path], replacements: list[str]) -> dict[str, Path]:
 def split_lists(cfg: SourceConfig, base: Path, available: set[str], problems: list[str]) -> dict[str, set[str]]:
     """The source's split lists: name -> stems.
 
-    Reference layout: every ``<base>/<split>.txt``, one image name per line. Folder layout: the
+    Reference layout: ``<base>/<split>.txt`` for train, val, test and every list the source
+    names, one image name per line. Folder layout: the
     rows of the split CSV (first column the stem, a ``split`` column). A list naming an
     image that does not exist is a problem; an absent holdout list is not.
     """
     if cfg.layout == "reference":
-        lists = {path.stem: _checked(read_list(path), path, available, problems) for path in sorted(base.glob("*.txt"))}
+        names = dict.fromkeys(["train", "val", "test", *cfg.splits, *cfg.exclude, *cfg.holdout])
+        paths = [base / f"{name}.txt" for name in names]
+        lists = {path.stem: _checked(read_list(path), path, available, problems) for path in paths if path.is_file()}
         for name in cfg.splits + cfg.exclude:
             if name not in lists:
                 problems.append(f"source '{source_name(cfg)}': split list {base / name}.txt not found")
