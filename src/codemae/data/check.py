@@ -74,9 +74,9 @@ def check_source(cfg: SourceConfig, channels: dict[str, int], data_root: str = "
 def check_shards(cfg: SourceConfig, data_root: str, verify: bool, report: SourceReport) -> SourceReport:
     """A shard set: the manifest's counts, every local shard present at its size (and, with ``verify``,
     its SHA-256)."""
-    from codemae.data.shards import is_url, join, read_manifest, sha256
+    from codemae.data.shards import is_url, join, read_manifest, sha256, shard_root
 
-    root = cfg.root if is_url(cfg.root) else str(source_root(cfg, data_root))
+    root = shard_root(cfg, data_root)
     try:
         sources = [s for s in read_manifest(root) if not cfg.dataset or s.name == cfg.dataset]
     except DataError as err:

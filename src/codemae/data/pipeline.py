@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from codemae.config import Config, SourceConfig
 from codemae.data.sampling import HomogeneousBatchSampler, Part, Pools
 from codemae.data.shards import ShardStream, shard_sources
-from codemae.data.sources import Source, build_source
+from codemae.data.sources import MAX_CONSECUTIVE_SKIPS, Source, build_source
 from codemae.data.stats import compute_stats, load_stats, save_stats
 from codemae.data.teacher_cache import TeacherFeatureCache
 from codemae.data.transforms import Normalisation, PairedCrop
@@ -21,7 +21,6 @@ from codemae.errors import ConfigError, DataError
 from codemae.models.backbone import MODALITIES
 
 log = logging.getLogger(__name__)
-MAX_CONSECUTIVE_SKIPS = 16  # with data.on_error=skip, this many bad samples in a row stop the run
 
 
 class PretrainDataset(Dataset):

@@ -64,7 +64,12 @@ def read_header(path: ImageFile, name: str | None = None) -> Header:
                     shape, dtype = series.shape, np.dtype(series.dtype)
             except Exception as err:  # tifffile raises many types for broken files
                 raise DataError(f"{label}: corrupt or unreadable TIFF ({err})".splitlines()[0]) from err
-            shape = _bands_last(np.empty(shape if len(shape) > 2 else (*shape, 1), dtype=bool), label).shape
+            if len(shape) == 2:
+                shape = (*shape, 1)
+            elif _band_first(shape):
+                shape = (*shape[1:], shape[0])
+            if len(shape) != 3:
+                raise DataError(f"{label}: expected a 2-D image with bands, got an array of shape {shape}")
             return Header(shape[0], shape[1], shape[2], dtype.name)
         f.seek(0)
         with _pillow(f, label) as image:
@@ -92,11 +97,16 @@ def _opened(path: ImageFile, name: str | None) -> Iterator[tuple[BinaryIO, str]]
         yield f, label
 
 
+def _band_first(shape: tuple[int, ...]) -> bool:
+    """A band-first GeoTIFF layout: (bands, H, W) with a short leading axis."""
+    return len(shape) == 3 and shape[0] <= MAX_BANDS and shape[0] < shape[2]
+
+
 def _bands_last(array: np.ndarray, label: str) -> np.ndarray:
     if array.ndim == 2:
         array = array[:, :, None]
-    elif array.ndim == 3 and array.shape[0] <= MAX_BANDS and array.shape[0] < array.shape[2]:
-        array = array.transpose(1, 2, 0)  # band-first GeoTIFF
+    elif _band_first(array.shape):
+        array = array.transpose(1, 2, 0)
     if array.ndim != 3:
         raise DataError(f"{label}: expected a 2-D image with bands, got an array of shape {array.shape}")
     return array

@@ -37,7 +37,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from codemae.config import Config, SourceConfig, from_dict, to_dict
 from codemae.data.sampling import Part
-from codemae.data.sources import FolderSource, load_source_image, source_root
+from codemae.data.sources import MAX_CONSECUTIVE_SKIPS, FolderSource, load_source_image, source_root
 from codemae.data.transforms import Normalisation, PairedCrop
 from codemae.errors import DataError
 
@@ -137,6 +137,11 @@ def is_url(root: str) -> bool:
     return "://" in root or root.startswith("pipe:")
 
 
+def shard_root(cfg: SourceConfig, data_root: str) -> str:
+    """A shard source's root: a URL as given, a folder resolved against ``data.root``."""
+    return cfg.root if is_url(cfg.root) else str(source_root(cfg, data_root))
+
+
 def join(root: str, relative: str) -> str:
     return f"{root.rstrip('/')}/{relative}" if is_url(root) else str(Path(root) / relative)
 
@@ -234,6 +239,8 @@ class ShardStream(IterableDataset):
                                       s.stats) for s in sources]
         # all shards, flattened: (source index, shard); kinds index into this list
         self.shards = [(k, shard) for k, s in enumerate(sources) for shard in s.shards]
+        self.source_shards = [np.array([i for i, (k, _) in enumerate(self.shards) if k == src], dtype=np.int64)
+                              for src in range(len(sources))]
         self.epoch, self.start = 0, 0
         if len(self) == 0:
             raise DataError(f"shards too few or too small for one step: {len(self.shards)} shards over "
@@ -253,7 +260,7 @@ class ShardStream(IterableDataset):
         dealt = [{kind: [] for kind in KINDS} for _ in range(slots)]
         counts = np.zeros((slots, len(KINDS)), dtype=np.int64)
         for j, kind in enumerate(KINDS):
-            parts = [Part(np.array([i for i, (k, _) in enumerate(self.shards) if k == src]), self.weights[src])
+            parts = [Part(self.source_shards[src], self.weights[src])
                      for src, s in enumerate(self.sources) if s.kind == kind]
             drawn = [i for part in parts for i in part.draw(rng).tolist()]
             for i in rng.permutation(np.array(drawn, dtype=np.int64)).tolist():
@@ -288,9 +295,10 @@ class ShardStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, slot_id])
         streams = {kind: self.records(slot.shards[kind], np.random.default_rng([self.seed, self.epoch, slot_id, j]))
                    for j, kind in enumerate(KINDS) if slot.shards[kind]}
+        unpaired_kinds = [k for k in ("opt", "sar") if k in self.kinds()]
         for r, paired in enumerate(rounds):
             skip = r * self.workers + lane < self.start  # resuming mid-epoch: consume without decoding
-            kinds = ["paired"] if paired else [k for k in ("opt", "sar") if k in self.kinds()]
+            kinds = ["paired"] if paired else unpaired_kinds
             items, skipped = [], 0
             for kind in kinds:
                 for _ in range(self.batch_size):
@@ -343,8 +351,6 @@ class ShardStream(IterableDataset):
 
     def sample(self, stream: Iterator[tuple[int, str, dict]], seed: int) -> tuple[dict, int]:
         """The next decodable sample, augmented with ``seed``; with on_error=skip, bad records are counted."""
-        from codemae.data.pipeline import MAX_CONSECUTIVE_SKIPS
-
         for bad in range(MAX_CONSECUTIVE_SKIPS):
             k, url, record = next(stream)
             try:
@@ -365,7 +371,7 @@ def shard_sources(cfg: Config) -> tuple[list[ShardedSource], list[str], list[flo
     (each source's weight when it was sharded, times the shard-set entry's weight)."""
     sources, roots, weights = [], [], []
     for source_cfg in cfg.data.sources:
-        root = source_cfg.root if is_url(source_cfg.root) else str(source_root(source_cfg, cfg.data.root))
+        root = shard_root(source_cfg, cfg.data.root)
         for sharded in read_manifest(root):
             if source_cfg.dataset and sharded.name != source_cfg.dataset:
                 continue

@@ -23,6 +23,7 @@ from codemae.errors import DataError
 SCALING_KEYS = {"opt": "opt_scaling", "sar": "sar_scaling"}
 CHANNEL_KEYS = {"opt": "model.opt_channels", "sar": "model.sar_channels"}
 REFERENCE_FOLDERS = {"opt": "RGB", "sar": "SAR"}  # <root>/<dataset>/{RGB,SAR}/<name>.png
+MAX_CONSECUTIVE_SKIPS = 16  # with data.on_error=skip, this many bad samples in a row stop the run
 
 
 def source_modalities(cfg: SourceConfig) -> tuple[str, ...]:

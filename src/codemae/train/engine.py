@@ -221,20 +221,23 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sums: dict[str, torch.Tensor] = {}
-        skipped_samples = torch.zeros((), device=device)
+        skipped_samples = 0.0
         for micro in range(tc.accum_steps):
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
-            skipped_samples += batch.pop("skipped").sum()
+            skipped = batch.pop("skipped").sum().float()
             torch.manual_seed(step_seed(self.cfg.seed, self.step * tc.accum_steps + micro, self.info.rank))
             last = micro == tc.accum_steps - 1
             sync = contextlib.nullcontext() if last or not self.info.enabled else self.model.no_sync()
             with sync, torch.autocast(device.type, torch.bfloat16, enabled=tc.precision == "bf16"):
                 terms = self.model(batch)
                 total = sum(terms.values())
-                reduced = all_reduce_mean(torch.stack([t.detach().float() for t in terms.values()]), self.info)
+                # one collective per micro-step: the loss terms and the count of skipped unreadable samples
+                reduced = all_reduce_mean(torch.stack([*(t.detach().float() for t in terms.values()), skipped]),
+                                          self.info)
                 (total / tc.accum_steps).backward()
             for name, value in zip(terms, reduced):
                 sums[name] = sums.get(name, 0.0) + value / tc.accum_steps
+            skipped_samples += float(reduced[-1]) * self.info.world_size
         grad_norm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), tc.clip_grad or float("inf"))
         values = {name: float(v) for name, v in sums.items()}
         problem = nonfinite(values, float(grad_norm))
@@ -250,7 +253,7 @@ class Trainer:
         self.step += 1
         return {"step": self.step, "epoch": epoch, "lr": lr, "total": sum(values.values()), **values,
                 "grad_norm": float(grad_norm),
-                "skipped_samples": float(all_reduce_mean(skipped_samples, self.info)) * self.info.world_size}
+                "skipped_samples": round(skipped_samples)}
 
     def finish(self, seconds: float, steps: int) -> dict:
         in_sync = params_in_sync(self.method, self.info)
