@@ -19,7 +19,7 @@ import torch
 from codemae.config import Config, LossWeights, MethodConfig, ModelConfig, TeacherConfig
 from codemae.methods import build_method
 from codemae.models.teacher import Teacher
-from codemae.train.optim import build_optimizer
+from codemae.train.optim import pretraining_optimizer
 
 SAT_L16 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                patch_size=16, num_register_tokens=4, layerscale_value=1e-5, use_gated_mlp=False)
@@ -40,7 +40,7 @@ class RandomDinoV3L(Teacher):
 
 
 def time_steps(method, batch, steps: int) -> list[float]:
-    optimizer = build_optimizer(method, 1e-4, 0.05, [0.9, 0.95])
+    optimizer = pretraining_optimizer(method, 1e-4, 0.05, [0.9, 0.95])
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()

@@ -68,7 +68,7 @@ def first_batch(root: str, workers: int, queue: mp.Queue) -> None:
     start = time.perf_counter()
     cfg = load_config(None, [f"data.sources=[{{layout: shards, root: {root}}}]", "data.batch_size=32",
                              f"data.num_workers={workers}", "model.img_size=64"])
-    stream = ShardStream(*shard_sources(cfg), cfg)
+    stream = ShardStream(*shard_sources(cfg.data), cfg.data, cfg.model.geometry, cfg.seed)
     planned = time.perf_counter()
     batches = iter(DataLoader(stream, batch_size=None, num_workers=workers))
     next(batches)

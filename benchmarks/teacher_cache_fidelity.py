@@ -26,7 +26,8 @@ from codemae.config import SourceConfig, TeacherConfig
 from codemae.data.sources import FolderSource
 from codemae.data.teacher_cache import roi_align
 from codemae.data.transforms import CropBox, crop_box
-from codemae.models.teacher import CheckpointTeacher, to_student_grid
+from codemae.loading import CheckpointTeacher
+from codemae.models.teacher import to_student_grid
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -84,3 +84,10 @@ class PicklePayload:
 
     def __reduce__(self):
         return (Path.touch, (self.path,))
+
+
+def stream_of(cfg: Config, world_size: int = 1, rank: int = 0):
+    """The shard stream a training run of ``cfg`` reads, for rank ``rank`` of ``world_size``."""
+    from codemae.data.shards import ShardStream, shard_sources
+
+    return ShardStream(*shard_sources(cfg.data), cfg.data, cfg.model.geometry, cfg.seed, world_size, rank)

@@ -14,7 +14,8 @@ from codemae.errors import ConfigError
 from codemae.losses import symmetric_info_nce
 from codemae.methods import build_method
 from codemae.methods.cdr_targets import CDR_TARGETS, grayscale, hog_cells
-from codemae.models.teacher import Teacher, build_teacher
+from codemae.loading import build_teacher
+from codemae.models.teacher import Teacher
 
 from conftest import tiny_config
 
@@ -155,12 +156,12 @@ def test_ccl_conditioned_embedding_is_base_plus_cross_attention_residual(tmp_pat
     """opt' = opt + CA(LN(opt), LN(sar)): no MLP, no output norm. With the CA output
     projection zeroed, CCL sees the raw tokens and equals the vanilla contrastive loss."""
     model = make(tmp_path)
-    head = model.ccl_heads["opt"]
+    head = model.ccl_heads.opt
     x, y = torch.randn(2, 5, 32), torch.randn(2, 3, 32)
     torch.testing.assert_close(head(x, y) - x, head.attn(head.norm_q(x), head.norm_kv(y)))
     assert [type(m).__name__ for m in head.children()] == ["LayerNorm", "LayerNorm", "Attention"]
     vanilla = make(tmp_path, ccl="vanilla")
-    for ca in model.ccl_heads.values():
+    for ca in (model.ccl_heads.opt, model.ccl_heads.sar):
         nn.init.zeros_(ca.attn.proj.weight)
         nn.init.zeros_(ca.attn.proj.bias)
     vanilla.load_state_dict(model.state_dict(), strict=False)
@@ -294,6 +295,7 @@ def test_teacher_cache_cli_then_pretraining_reads_it(tmp_path):
     from codemae.config import to_dict
     from codemae.data.pipeline import build_dataset
     from codemae.errors import DataError
+    from codemae.loading import cached_teacher_features
     from codemae.train.engine import pretrain
 
     from conftest import write_pairs
@@ -311,22 +313,23 @@ def test_teacher_cache_cli_then_pretraining_reads_it(tmp_path):
     assert cached.shape == (8, 2, 2, 32) and cached.dtype == np.float16
     # pretraining with the cache never builds the teacher: point it at nothing
     assert main(["pretrain", "--config", str(config), "method.teacher.kind=none"]) == 0
-    item = build_dataset(cfg, tmp_path / "run")[(0, 5)]
+    features = cached_teacher_features(cfg.method.teacher.cache)
+    item = build_dataset(cfg.data, cfg.model.geometry, tmp_path / "run", teacher_features=features)[(0, 5)]
     assert item["teacher_opt"].shape == (4, 32)
     (pairs / "opt" / "t7.png").unlink()
     (pairs / "sar" / "t7.png").unlink()
     with pytest.raises(DataError, match="other samples"):
-        build_dataset(cfg, tmp_path / "run")
+        build_dataset(cfg.data, cfg.model.geometry, tmp_path / "run", teacher_features=features)
 
 
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 def test_rigid_alignment_baseline_uses_raw_encoder_embeddings(tmp_path, head):
     model = make(tmp_path, okd=False, cdr=False, ccl=head, ccl_input="encoder")
-    first = model.ccl_heads["opt"] if head == "linear" else model.ccl_heads["opt"].fc1
+    first = model.ccl_heads.opt if head == "linear" else model.ccl_heads.opt.fc1
     assert first.in_features == model.encoder.embed_dim
     b = batch()
     torch.manual_seed(1)
     vis = model.embed_visible(model.images(b))
-    expected = symmetric_info_nce(model.ccl_heads["opt"](vis["opt"].features.mean(1)),
-                                  model.ccl_heads["sar"](vis["sar"].features.mean(1)), 0.07)
+    expected = symmetric_info_nce(model.ccl_heads.opt(vis["opt"].features.mean(1)),
+                                  model.ccl_heads.sar(vis["sar"].features.mean(1)), 0.07)
     torch.testing.assert_close(run(model, b)["ccl"], expected)

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from codemae.config import ScalingConfig, SourceConfig, SyntheticConfig
-from codemae.data.pipeline import PretrainDataset, build_dataset, collate
+from codemae.batch import collate
+from codemae.data.pipeline import PretrainDataset, build_dataset
 from codemae.data.readers import match_channels, read_image, to_unit_range
 from codemae.data.sampling import HomogeneousBatchSampler, Pools
 from codemae.data.sources import FolderSource
@@ -134,7 +135,7 @@ def test_speckle_looks_control_sar_noise():
 
 def test_stats_and_dataset(tmp_path: Path, pairs_dir: Path):
     cfg = tiny_config(tmp_path / "run", data={"sources": [{"kind": "paired", "root": str(pairs_dir), "split": "train"}]})
-    dataset = build_dataset(cfg, tmp_path / "run")
+    dataset = build_dataset(cfg.data, cfg.model.geometry, tmp_path / "run")
     assert isinstance(dataset, PretrainDataset) and len(dataset) == 4
     stats = compute_stats(dataset.sources[0], 4)
     assert abs(stats["opt"].mean[0] - 0.5) < 0.05 and len(stats["sar"].std) == 1

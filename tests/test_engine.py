@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from codemae.methods import build_method
-from codemae.train.checkpoint import load_checkpoint
+from codemae.checkpoint import load_checkpoint
 from codemae.train.engine import pretrain
 from codemae.train.optim import lr_at, param_groups, scaled_lr
 
@@ -49,7 +49,7 @@ def test_two_process_torchrun_keeps_ranks_in_sync(tmp_path):
 
 
 def test_load_method_from_checkpoint_gives_same_encoder(tmp_path):
-    from codemae.methods import load_method
+    from codemae.loading import load_method
 
     cfg = tiny_config(tmp_path / "run", train={"max_steps": 2})
     pretrain(cfg)

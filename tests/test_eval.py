@@ -27,7 +27,7 @@ def test_probe_head_and_optimiser_match_the_spec():
     assert isinstance(bn, nn.BatchNorm1d) and not bn.affine and bn.eps == 1e-6
     assert isinstance(linear, nn.Linear) and abs(linear.weight.std().item() - 0.01) < 0.001
     assert torch.equal(linear.bias, torch.zeros(10))
-    opt = probe.build_optimizer(head)
+    opt = probe.probe_optimizer(head)
     assert isinstance(opt, torch.optim.SGD)
     group = opt.param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.5, 0.9, 0.0)

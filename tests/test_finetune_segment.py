@@ -8,7 +8,7 @@ import yaml
 
 from codemae.cli import main
 from codemae.config import to_dict
-from codemae.eval.finetune import PROTOCOLS, Classifier, layer_decay_groups, layer_id
+from codemae.eval.finetune import PROTOCOLS, Classifier, layer_decay_groups
 from codemae.eval.segmentation import UperHead, level_maps, miou
 from codemae.methods import build_method
 
@@ -24,11 +24,12 @@ def test_sar_target_protocol_matches_the_spec():
 def test_layer_ids_and_decayed_learning_rates(tmp_path):
     method = build_method(tiny_config(tmp_path))  # HiViT with 2 attention blocks
     model = Classifier(method, ("sar",), 3)
-    assert layer_id("method.encoder.patch_embed.sar.weight", 3) == 0
-    assert layer_id("method.encoder.stage1.0.mlp.fc1.weight", 3) == 0
-    assert layer_id("method.encoder.blocks.1.attn.q.weight", 3) == 2
-    assert layer_id("method.encoder.pyramid.block4.mlp.fc1.weight", 3) == 3
-    assert layer_id("head.weight", 3) == 3
+    encoder = method.encoder
+    assert encoder.num_layers == 3
+    assert encoder.layer_id("patch_embed.sar.weight") == 0
+    assert encoder.layer_id("stage1.0.mlp.fc1.weight") == 0
+    assert encoder.layer_id("blocks.1.attn.q.weight") == 2
+    assert encoder.layer_id("pyramid.block4.mlp.fc1.weight") == 3
     groups = layer_decay_groups(model, lr=1.0, weight_decay=0.05, decay=0.5)
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     named = dict(model.named_parameters())

@@ -3,10 +3,14 @@
 import pytest
 import torch
 
+from codemae.config import to_dict
 from codemae.errors import ConfigError
+from codemae.eval.segmentation import Segmenter
+from codemae.loading import load_method
 from codemae.masking import modality_masks
 from codemae.methods import build_method
 from codemae.methods.fusmae import FusMAE
+from codemae.train.engine import check_pairing
 
 from conftest import tiny_config
 
@@ -54,8 +58,8 @@ def test_loss_ignores_visible_patches(tmp_path, fusion):
     def loss_with_target(sar_target):
         from codemae.losses import masked_mean, patch_errors, patchify
 
-        latents = model.encode_kept(x, {m: masks[m].ids_keep for m in x})
-        z = {m: model.decoder_embed([latents[m]]) for m in x}
+        latents = model.encoder(x, {m: masks[m].ids_keep for m in x})
+        z = {m: model.decoder_embed(latents[m].levels) for m in x}
         fused = model.decoder_fusion["sar"](z["sar"], z["opt"])
         pred = model.decoders["sar"]({"sar": (fused, masks["sar"].ids_restore)})["sar"]
         return masked_mean([patch_errors(pred, patchify(sar_target, 16))], [masks["sar"].mask])
@@ -94,6 +98,61 @@ def test_single_modality_encoding(tmp_path, fusion):
 def test_fusmae_needs_a_vit_and_paired_data(tmp_path):
     with pytest.raises(ConfigError, match="ViT"):
         build_method(tiny_config(tmp_path, method={"name": "fusmae"}))
-    from codemae.config import load_config
+    method = make(tmp_path)
+    assert method.needs_pairs and not build_method(tiny_config(tmp_path)).needs_pairs
+    check_pairing(method, {"paired"})
     with pytest.raises(ConfigError, match="paired sources only"):
-        load_config(None, ["method.name=fusmae", "data.sources=[{kind: sar, root: /x}]"])
+        check_pairing(method, {"paired", "sar"})
+
+
+def test_xaed_segmentation_runs_the_fusion_block(tmp_path):
+    """Segmentation reads the encoder's levels through the evaluation contract, so XAE&D's fusion
+    block and CLS token take part: changing either changes the segmenter's output (before the fusion
+    encoder became a model of its own, segmentation called the bare ViT and ignored both)."""
+    method = make(tmp_path, fusion="xaed")
+    segmenter = Segmenter(method, ("opt", "sar"), num_classes=3, train_encoder=False).eval()
+    x = images()
+    with torch.no_grad():
+        before = segmenter(x)
+        for name, param in (("fusion", method.encoder.fusion.mlp.mlp.fc2.weight),
+                            ("cls_token", method.encoder.cls_token)):
+            saved = param.detach().clone()
+            param.add_(torch.randn_like(param))  # random, not uniform: a uniform shift the final LayerNorm removes
+            assert not torch.allclose(segmenter(x), before), name
+            param.copy_(saved)
+        assert torch.equal(segmenter(x), before)
+        tokens = method.encode(x)
+        levels = method.encode_outputs(x)
+    assert all(torch.equal(levels[m].levels[0], tokens[m]) for m in x)
+
+
+def test_fusion_encoder_layer_ids_and_export_need_no_special_case(tmp_path):
+    method = make(tmp_path, fusion="xaed")
+    encoder = method.encoder
+    assert encoder.num_layers == 4  # depth 3 (fusion + 2 blocks) + 1
+    ids = {name: encoder.layer_id(name) for name, _ in encoder.named_parameters()}
+    assert ids["cls_token"] == 0 and ids["patch_embed.opt.weight"] == 0 and ids["pos_embed"] == 0
+    assert {ids[n] for n in ids if n.startswith("fusion.")} == {1}
+    assert ids["blocks.0.attn.q.weight"] == 2 and ids["blocks.1.attn.q.weight"] == 3
+    assert ids["norm.weight"] == 4
+    assert "cls_token" in encoder.no_weight_decay()
+    assert {k for k in method.state_dict() if not k.startswith(("encoder.", "decoder"))} == set()
+
+
+def test_checkpoint_of_the_earlier_fusmae_layout_loads(tmp_path):
+    """Fus-MAE checkpoints written before the fusion encoder existed keep their fusion block under
+    ``encoder_fusion.`` and the CLS token at the top level; they load, renamed, to identical weights."""
+    method = make(tmp_path, fusion="xaed")
+    renames = {"encoder.fusion.": "encoder_fusion.", "encoder.cls_token": "cls_token"}
+    old = {}
+    for key, value in method.state_dict().items():
+        for new, earlier in renames.items():
+            if key.startswith(new):
+                key = earlier + key[len(new):]
+        old[key] = value
+    assert "encoder_fusion.cross.attn.qkv.weight" in old or any(k.startswith("encoder_fusion.") for k in old)
+    path = tmp_path / "old.pt"
+    torch.save({"model": old, "config": to_dict(tiny_config(tmp_path, model=VIT, method={"name": "fusmae"}))}, path)
+    loaded = load_method(path)
+    x = images()
+    assert torch.equal(loaded.encode(x)["opt"], method.encode(x)["opt"])

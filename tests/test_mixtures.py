@@ -142,7 +142,7 @@ def test_band_names_given_stats_and_tiles(tmp_path):
            "opt_bands": ["B4", "B3", "B2"], "sar_bands": ["VH"], "tile": 32, "sar_scaling": {"mode": "db"},
            "stats": "given", "given": {"opt_mean": [0.5], "opt_std": [0.25], "sar_mean": [0.2], "sar_std": [0.1]}}
     cfg = tiny_config(tmp_path / "run", data={"sources": [raw]})
-    dataset = build_dataset(cfg, tmp_path / "run")
+    dataset = build_dataset(cfg.data, cfg.model.geometry, tmp_path / "run")
     source = dataset.sources[0]
     assert source.stems == ["chip@0_0", "chip@0_32", "chip@32_0", "chip@32_32"]
     arrays = source.load(3)

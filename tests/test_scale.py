@@ -15,7 +15,7 @@ import yaml
 import codemae
 from codemae.config import to_dict
 from codemae.errors import DataError
-from codemae.methods import load_method
+from codemae.loading import load_method
 from codemae.train.engine import pretrain
 from conftest import tiny_config
 from test_shards import shard_set

@@ -9,9 +9,10 @@ from torch.utils.data import DataLoader
 
 from codemae.cli import main
 from codemae.config import load_config
-from codemae.data.shards import ShardStream, decode_record, iter_records, read_manifest, shard_sources, write_shards
+from codemae.data.shard_writer import write_shards
+from codemae.data.shards import decode_record, iter_records, read_manifest
 from codemae.data.sources import FolderSource
-from conftest import tiny_config, write_pairs
+from conftest import stream_of, tiny_config, write_pairs
 
 
 def shard_set(tmp_path: Path, pairs: int = 48, per_shard: int = 12, sar_only: int = 0) -> tuple[Path, list]:
@@ -21,7 +22,7 @@ def shard_set(tmp_path: Path, pairs: int = 48, per_shard: int = 12, sar_only: in
         write_pairs(tmp_path / "more", n=sar_only, size=20)
         sources.append({"name": "sar", "kind": "sar", "root": str(tmp_path / "more" / "sar")})
     cfg = tiny_config(tmp_path / "run", data={"sources": sources})
-    write_shards(cfg, tmp_path / "shards", per_shard)
+    write_shards(cfg.data, cfg.model.channels, tmp_path / "shards", per_shard)
     return tmp_path / "shards", sources
 
 
@@ -30,7 +31,7 @@ def stream_cfg(tmp_path: Path, shards: Path, **data):
                                                  "batch_size": 4, "shuffle_buffer": 5, **data})
 
 
-def epoch_ids(stream: ShardStream, epoch: int = 0, workers: int = 0) -> list[list[tuple[int, int]]]:
+def epoch_ids(stream, epoch: int = 0, workers: int = 0) -> list[list[tuple[int, int]]]:
     stream.set_epoch(epoch)
     loader = DataLoader(stream, batch_size=None, num_workers=workers)
     return [[tuple(i) for i in batch["id"].tolist()] for batch in loader]
@@ -59,7 +60,7 @@ def shard_config_file(tmp_path: Path, shards: Path) -> Path:
 def test_two_ranks_cover_each_sample_once_per_epoch(tmp_path):
     shards, _ = shard_set(tmp_path, pairs=96, per_shard=12)
     cfg = stream_cfg(tmp_path, shards)
-    ranks = [ShardStream(*shard_sources(cfg), cfg, world_size=2, rank=r) for r in range(2)]
+    ranks = [stream_of(cfg, world_size=2, rank=r) for r in range(2)]
     for epoch in range(2):
         seen = [epoch_ids(stream, epoch) for stream in ranks]
         assert len(seen[0]) == len(seen[1]) == len(ranks[0]) == 12
@@ -72,7 +73,7 @@ def test_two_ranks_cover_each_sample_once_per_epoch(tmp_path):
 def test_loader_workers_split_shards_and_resume_mid_epoch(tmp_path):
     shards, _ = shard_set(tmp_path, pairs=48, per_shard=6)
     cfg = stream_cfg(tmp_path, shards, num_workers=2)
-    stream = ShardStream(*shard_sources(cfg), cfg)
+    stream = stream_of(cfg)
     full = epoch_ids(stream, 0, workers=2)
     flat = [i for batch in full for i in batch]
     assert len(full) == len(stream) == 12 and len(set(flat)) == len(flat) == 48
@@ -84,7 +85,7 @@ def test_loader_workers_split_shards_and_resume_mid_epoch(tmp_path):
 def test_unpaired_and_paired_batches_stay_homogeneous_across_ranks(tmp_path):
     shards, _ = shard_set(tmp_path, pairs=32, per_shard=8, sar_only=40)
     cfg = stream_cfg(tmp_path, shards)
-    ranks = [ShardStream(*shard_sources(cfg), cfg, world_size=2, rank=r) for r in range(2)]
+    ranks = [stream_of(cfg, world_size=2, rank=r) for r in range(2)]
     kinds = []
     for stream in ranks:
         stream.set_epoch(0)
@@ -106,6 +107,6 @@ def test_shards_stream_from_a_url(tmp_path):
     local = stream_cfg(tmp_path, shards)
     piped = stream_cfg(tmp_path, shards)
     piped.data.sources[0].root = f"pipe:cat {shards}"
-    a = ShardStream(*shard_sources(local), local)
-    b = ShardStream(*shard_sources(piped), piped)
+    a = stream_of(local)
+    b = stream_of(piped)
     assert epoch_ids(a) == epoch_ids(b) and len({i for batch in epoch_ids(b) for i in batch}) == 24

@@ -58,6 +58,14 @@ def bench_config(backbone: str, img_size: int, batch: int, workers: int) -> Conf
                   data=DataConfig(sources=[source], batch_size=batch, num_workers=workers))
 
 
+def bench_loader(cfg: Config):
+    """The real training loader of ``cfg`` (one process, no statistics written)."""
+    from codemae.data.pipeline import build_training_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return build_training_data(cfg.data, cfg.model.geometry, Path(tmp), 1, 0, write_stats=False)[0]
+
+
 def endless(loader):
     while True:
         yield from loader
@@ -66,31 +74,28 @@ def endless(loader):
 def measure_backbone(backbone: str, img_size: int, batch: int, steps: int, threads: int | None, workers: int,
                      precision: str) -> dict:
     """Time ``steps`` joint-MAE training steps (after 2 warm-up steps) of ``backbone``."""
-    from codemae.data.pipeline import build_training_data
+    from codemae.batch import model_input
     from codemae.methods import build_method
-    from codemae.train.optim import build_optimizer
+    from codemae.train.optim import pretraining_optimizer
+    from codemae.train.step import TrainStep
 
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = bench_config(backbone, img_size, batch, workers)
-    with tempfile.TemporaryDirectory() as tmp:
-        loader, _, _ = build_training_data(cfg, Path(tmp), 1, 0, write_stats=False)
+    loader = bench_loader(cfg)
     batches = endless(loader)
 
     def fetch() -> dict:
-        raw = next(batches)
-        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in raw.items()
-                if k != "skipped"}
+        return model_input(next(batches), device)[0]
 
     first = fetch()  # start the loader workers before torch's compute threads exist in this process
     torch.manual_seed(0)
     model = build_method(cfg).to(device)
-    optimizer = build_optimizer(model, 1e-4, 0.05, [0.9, 0.95])
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
-    with FlopCounterMode(display=False) as counter, autocast:
-        sum(model(first).values()).backward()
-    optimizer.zero_grad(set_to_none=True)
+    step = TrainStep(model, pretraining_optimizer(model, 1e-4, 0.05, [0.9, 0.95]), device, precision)
+    with FlopCounterMode(display=False) as counter:
+        step.backward(step.forward(first))
+    step.apply(update=False)
     step_flops = counter.get_total_flops()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -100,30 +105,29 @@ def measure_backbone(backbone: str, img_size: int, batch: int, steps: int, threa
         data = fetch()
         _sync(device)
         t1 = time.perf_counter()
-        with autocast:
-            loss = sum(model(data).values())
+        terms = step.forward(data)
         _sync(device)
         t2 = time.perf_counter()
-        loss.backward()
+        step.backward(terms)
         _sync(device)
         t3 = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step.clip()
+        step.apply()
         _sync(device)
         t4 = time.perf_counter()
         if i >= 2:
             for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 times[key].append(value)
     batches.close()
-    step = [sum(parts) for parts in zip(*times.values())]
-    mean_step = statistics.mean(step)
+    step_s = [sum(parts) for parts in zip(*times.values())]
+    mean_step = statistics.mean(step_s)
     peak = matmul_peak_gflops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     result = {
         "backbone": backbone, "img_size": img_size, "batch_pairs": batch, "precision": precision,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "step_s": round(mean_step, 4),
-        "step_s_std": round(statistics.stdev(step), 4) if len(step) > 1 else 0.0,
+        "step_s_std": round(statistics.stdev(step_s), 4) if len(step_s) > 1 else 0.0,
         **{f"{k}_s": round(statistics.mean(v), 4) for k, v in times.items()},
         "pairs_per_s": round(batch / mean_step, 2),
         "step_gflop": round(step_flops / 1e9, 2),
@@ -139,12 +143,7 @@ def measure_backbone(backbone: str, img_size: int, batch: int, steps: int, threa
 
 def measure_pipeline(img_size: int, batch: int, workers: int, batches: int = 8) -> float:
     """Pairs per second of the data pipeline alone (after its first batch, i.e. worker start-up)."""
-    from codemae.data.pipeline import build_training_data
-
-    cfg = bench_config("vit_tiny", img_size, batch, workers)
-    with tempfile.TemporaryDirectory() as tmp:
-        loader, _, _ = build_training_data(cfg, Path(tmp), 1, 0, write_stats=False)
-    stream = endless(loader)
+    stream = endless(bench_loader(bench_config("vit_tiny", img_size, batch, workers)))
     next(stream)
     start = time.perf_counter()
     for _ in range(batches):

@@ -31,7 +31,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     cfg = SourceConfig(kind=args.kind, root=args.root, split=args.split, split_csv=args.split_csv,
                        opt_scaling=scaling if args.kind == "opt" else ScalingConfig(), sar_scaling=scaling)
     model = ModelConfig(opt_channels=args.opt_channels, sar_channels=args.sar_channels)
-    source = build_source(cfg, {"opt": model.opt_channels, "sar": model.sar_channels})
+    source = build_source(cfg, model.channels)
     stats = compute_stats(source, args.samples)
     out = Path(args.out) if args.out else Path(args.root) / "codemae_stats.json"
     save_stats(stats, out, min(args.samples, len(source)))
@@ -54,8 +54,8 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
 
     from codemae.config import load_config
     from codemae.data.pipeline import build_sources
-    from codemae.data.teacher_cache import write_teacher_cache
-    from codemae.models.teacher import build_teacher
+    from codemae.loading import build_teacher
+    from codemae.train.teacher_features import write_teacher_cache
 
     cfg = load_config(args.config, args.overrides)
     teacher_cfg = cfg.method.teacher
@@ -66,7 +66,7 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
         raise ConfigError("config key 'method.teacher.kind': none; choose hf, hub or checkpoint")
     teacher.to("cuda" if torch.cuda.is_available() else "cpu")
     size = teacher_cfg.input_size or cfg.model.img_size
-    for source in build_sources(cfg):
+    for source in build_sources(cfg.data, cfg.model.channels):
         if "opt" in source.modalities:
             path = write_teacher_cache(teacher, source, teacher_cfg.cache, size, args.batch_size)
             print(f"wrote {path} ({len(source)} images)")
@@ -89,9 +89,9 @@ def labelled_data(args: argparse.Namespace, channels: dict[str, int]):
 
 
 def evaluation_setup(args: argparse.Namespace):
-    from codemae.eval.features import load_encoder
+    from codemae.eval.features import method_to_evaluate
 
-    method = load_encoder(args.checkpoint, args.random)
+    method = method_to_evaluate(args.checkpoint, args.random)
     return method, labelled_data(args, method.encoder.channels)
 
 
@@ -128,13 +128,13 @@ def cmd_knn(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from codemae.eval.features import load_encoder
+    from codemae.eval.features import method_to_evaluate
     from codemae.eval.finetune import PROTOCOLS, run_finetune
 
     protocol = PROTOCOLS[args.protocol]
     if args.epochs:
         protocol = dataclasses.replace(protocol, epochs=args.epochs)
-    load = lambda: load_encoder(args.checkpoint, args.random, drop_path=protocol.drop_path)  # noqa: E731
+    load = lambda: method_to_evaluate(args.checkpoint, args.random, drop_path=protocol.drop_path)  # noqa: E731
     data = labelled_data(args, load().encoder.channels)
     result = run_finetune(load, data, args.modality, args.shots, args.kshot, seeds_of(args), protocol)
     title = (f"fine-tuning ({args.protocol}), {args.modality}, {args.shots}-shot ({args.kshot}), "
@@ -144,10 +144,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from codemae.config import ScalingConfig
-    from codemae.eval.features import load_encoder
+    from codemae.eval.features import method_to_evaluate
     from codemae.eval.segmentation import folder_segmentation, run_segmentation, scene_tiles, synthetic_segmentation
 
-    load = lambda: load_encoder(args.checkpoint, args.random)  # noqa: E731
+    load = lambda: method_to_evaluate(args.checkpoint, args.random)  # noqa: E731
     method = load()
     size = method.encoder.img_size
     if args.masks:
@@ -172,13 +172,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from codemae.analysis.collect import collect
     from codemae.analysis.report import Analysis, write_report
-    from codemae.eval.features import load_encoder
+    from codemae.eval.features import method_to_evaluate
     from codemae.eval.protocols import paired_source
 
     checkpoints = args.checkpoints if args.command == "compare" else [args.checkpoint]
     analyses, patch = [], 16
     for ckpt in checkpoints:
-        method = load_encoder(ckpt)
+        method = method_to_evaluate(ckpt)
         source = paired_source(args.pairs, args.split, method.encoder.channels, args.pairs_n)
         patch = method.encoder.patch_size
         name = Path(ckpt).parent.parent.name if Path(ckpt).parent.name == "checkpoints" else Path(ckpt).stem
@@ -189,12 +189,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
-    from codemae.eval.features import load_encoder
+    from codemae.eval.features import method_to_evaluate
     from codemae.eval.protocols import paired_source, run_retrieval
     from codemae.eval.report import write_json
     from codemae.eval.retrieval import random_expectation
 
-    method = load_encoder(args.checkpoint, args.random)
+    method = method_to_evaluate(args.checkpoint, args.random)
     result = run_retrieval(method, paired_source(args.pairs, args.split, method.encoder.channels, args.synthetic_n))
     chance = random_expectation(result["pairs"])
     print(f"cross-modal retrieval on {result['pairs']} pairs (chance: R@1 {chance['R@1']:.2f}, "
@@ -207,9 +207,11 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
 
 def cmd_shard(args: argparse.Namespace) -> int:
     from codemae.config import load_config
-    from codemae.data.shards import read_manifest, write_shards
+    from codemae.data.shard_writer import write_shards
+    from codemae.data.shards import read_manifest
 
-    manifest = write_shards(load_config(args.source, args.overrides), Path(args.out), args.samples_per_shard)
+    cfg = load_config(args.source, args.overrides)
+    manifest = write_shards(cfg.data, cfg.model.channels, Path(args.out), args.samples_per_shard)
     for s in read_manifest(str(manifest.parent)):
         print(f"{s.name}: {s.kind}, {s.samples} samples in {len(s.shards)} shards")
     print(f"wrote {manifest}; train on it with a source {{layout: shards, root: {manifest.parent}}}")

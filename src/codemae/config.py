@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from codemae.batch import Geometry
 from codemae.errors import ConfigError
 
 SourceKind = Literal["paired", "opt", "sar", "synthetic"]
@@ -144,6 +145,16 @@ class ModelConfig:
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     pyramid_dim: Optional[int] = None
+
+    @property
+    def channels(self) -> dict[str, int]:
+        """Input channels per modality, as the patch embeddings take them."""
+        return {"opt": self.opt_channels, "sar": self.sar_channels}
+
+    @property
+    def geometry(self) -> Geometry:
+        """What the data pipeline needs to know of the model."""
+        return Geometry(self.img_size, self.patch_size, self.channels)
 
 
 SAT_MEAN = [0.430, 0.411, 0.296]  # DINOv3-Sat input normalisation
@@ -321,9 +332,10 @@ def validate(cfg: Config) -> None:
     extras = [k for k, on in (("okd", cfg.method.okd), ("ccl", cfg.method.ccl != "none"), ("cdr", cfg.method.cdr)) if on]
     _require(cfg.method.name == "codemae" or not extras, "method.name", f"{'/'.join(extras)} need 'codemae'",
              cfg.method.name)
-    unpaired = [s.name or s.root for s in cfg.data.sources if s.kind in ("opt", "sar")]
-    _require(cfg.method.name != "fusmae" or not unpaired, "data.sources",
-             "Fus-MAE fuses the two images of a pair and needs paired sources only; unpaired", unpaired)
+    teacher = cfg.method.teacher
+    _require(not cfg.method.okd or teacher.kind != "none" or bool(teacher.cache), "method.teacher.kind",
+             "method.okd is on but there is no teacher: set method.teacher.kind and path, or method.teacher.cache",
+             teacher.kind)
     betas = cfg.train.betas
     _require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "train.betas", "must be two values in [0, 1)", betas)
     for i, source in enumerate(cfg.data.sources):

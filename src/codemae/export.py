@@ -17,15 +17,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from codemae.errors import DataError
-from codemae.methods import PretrainMethod, method_from_config, method_from_state, read_method_checkpoint
+from codemae.loading import (
+    method_from_config,
+    method_from_state,
+    read_method_checkpoint,
+    upgrade_weights,
+)
+from codemae.methods import PretrainMethod
 
 WEIGHTS, CONFIG = "encoder.safetensors", "config.json"
-ENCODER_KEYS = ("encoder.", "encoder_fusion.", "cls_token")  # what encode() reads (Fus-MAE: its fusion too)
+ENCODER_PREFIX = "encoder."  # everything encode() reads
 FORMAT = "codemae-encoder"
 
 
 def encoder_state(method: PretrainMethod) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in method.state_dict().items() if k.startswith(ENCODER_KEYS)}
+    return {k: v.detach().contiguous() for k, v in method.state_dict().items() if k.startswith(ENCODER_PREFIX)}
 
 
 def export_encoder(checkpoint: str | Path, out: str | Path) -> Path:
@@ -57,7 +63,7 @@ def load_encoder(directory: str | Path, device: str | torch.device = "cpu") -> P
     if meta.get("format") != FORMAT or "config" not in meta:
         raise DataError(f"{directory / CONFIG}: not a codemae encoder export")
     try:
-        weights = load_file(str(directory / WEIGHTS))
+        weights = upgrade_weights(load_file(str(directory / WEIGHTS)), str(directory / WEIGHTS))
     except (OSError, SafetensorError) as err:
         raise DataError(f"{directory / WEIGHTS}: not a safetensors file ({err}); refusing to load it") from err
     method = method_from_config(meta["config"])

@@ -17,9 +17,8 @@ from torch.utils.data import DataLoader
 
 from codemae.cli import main
 from codemae.config import load_config, to_dict
-from codemae.data.shards import ShardStream, shard_sources
 from codemae.errors import ConfigError, DataError
-from conftest import tiny_config, write_pairs
+from conftest import stream_of, tiny_config, write_pairs
 from test_shards import epoch_ids, shard_config_file, shard_set, stream_cfg
 
 
@@ -196,9 +195,9 @@ def test_corrupt_member_raises_or_is_skipped_and_counted(tmp_path):
             tar.addfile(m, io.BytesIO(data))
     cfg = stream_cfg(tmp_path, shards)
     with pytest.raises(DataError, match=r"shard-000000.tar:000000003.opt.png: corrupt or truncated image"):
-        epoch_ids(ShardStream(*shard_sources(cfg), cfg))
+        epoch_ids(stream_of(cfg))
     cfg = stream_cfg(tmp_path, shards, on_error="skip")
-    stream = ShardStream(*shard_sources(cfg), cfg)
+    stream = stream_of(cfg)
     stream.set_epoch(0)
     batches = list(DataLoader(stream, batch_size=None))
     # counted each time it is met (a stream a skipped record left short cycles to fill its last batch)
@@ -212,5 +211,5 @@ def test_truncated_shard_is_reported(tmp_path):
     path.write_bytes(path.read_bytes()[:3000])
     cfg = stream_cfg(tmp_path, shards)
     with pytest.raises(DataError, match="shard-000001.tar"):
-        epoch_ids(ShardStream(*shard_sources(cfg), cfg))
+        epoch_ids(stream_of(cfg))
     assert main(["data", "check", str(shard_config_file(tmp_path, shards))]) == 2

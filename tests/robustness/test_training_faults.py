@@ -16,7 +16,7 @@ import torch
 
 from codemae.errors import DataError, TrainingError
 from codemae.methods.mae import JointMAE
-from codemae.train.checkpoint import load_checkpoint, save_atomic
+from codemae.checkpoint import load_checkpoint, save_atomic
 from codemae.train.engine import pretrain
 from conftest import REPO, PicklePayload, run_cli, tiny_config, write_config
 from test_scale import node_launchers

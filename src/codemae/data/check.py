@@ -14,9 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codemae.config import Config, SourceConfig
+from codemae.data.listing import (
+    Listing,
+    list_source,
+    source_modalities,
+    source_name,
+    source_root,
+)
 from codemae.data.readers import Header, band_indices, read_header
-from codemae.data.sources import (Listing, list_source, load_source_image, source_modalities, source_name,
-                                  source_root)
+from codemae.data.sources import load_source_image
 from codemae.errors import DataError
 
 SHOWN_PROBLEMS = 8  # per source; the rest are counted
@@ -44,8 +50,7 @@ class SourceReport:
 
 
 def check_config(cfg: Config, pixels: bool = False, workers: int = 8) -> list[SourceReport]:
-    channels = {"opt": cfg.model.opt_channels, "sar": cfg.model.sar_channels}
-    return [check_source(s, channels, cfg.data.root, pixels, workers) for s in cfg.data.sources]
+    return [check_source(s, cfg.model.channels, cfg.data.root, pixels, workers) for s in cfg.data.sources]
 
 
 def check_source(cfg: SourceConfig, channels: dict[str, int], data_root: str = "", pixels: bool = False,

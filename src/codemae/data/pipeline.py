@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +10,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from codemae.config import Config, SourceConfig
+from codemae.batch import Geometry, collate
+from codemae.config import DataConfig
 from codemae.data.sampling import HomogeneousBatchSampler, Part, Pools
 from codemae.data.shards import ShardStream, shard_sources
-from codemae.data.sources import MAX_CONSECUTIVE_SKIPS, Source, build_source
-from codemae.data.stats import compute_stats, load_stats, save_stats
+from codemae.data.skipping import MAX_CONSECUTIVE_SKIPS, retry_readable
+from codemae.data.sources import Source, build_source
+from codemae.data.stats import source_stats
 from codemae.data.teacher_cache import TeacherFeatureCache
-from codemae.data.transforms import Normalisation, PairedCrop
-from codemae.errors import ConfigError, DataError
-from codemae.models.backbone import MODALITIES
+from codemae.data.transforms import PairedCrop
+from codemae.errors import ConfigError
 
-log = logging.getLogger(__name__)
+# per source: the reader of its cached teacher features, or None (the caller decides which sources have them)
+TeacherFeatures = Callable[[Source], "TeacherFeatureCache | None"]
 
 
 class PretrainDataset(Dataset):
@@ -61,18 +63,14 @@ class PretrainDataset(Dataset):
     def load(self, k: int, local: int) -> tuple[int, dict[str, np.ndarray], int]:
         """Sample ``local`` of source ``k`` (or, skipping, the next readable one): (index, arrays, skips)."""
         source = self.sources[k]
-        tries = min(MAX_CONSECUTIVE_SKIPS, len(source))
-        for skipped in range(tries):
-            try:
-                return local, source.load(local), skipped
-            except DataError as err:
-                if self.on_error == "raise":
-                    raise
-                log.warning("skipped an unreadable sample (data.on_error=skip): %s", err)
-                last = err
-                local = (local + 1) % len(source)
-        raise DataError(f"source '{source.name}': {tries} unreadable samples in a row, "
-                        f"the last: {last}")
+
+        def attempt(skipped: int) -> tuple[int, dict[str, np.ndarray]]:
+            index = (local + skipped) % len(source)
+            return index, source.load(index)
+
+        (index, arrays), skipped = retry_readable(attempt, self.on_error, f"source '{source.name}'",
+                                                  limit=min(MAX_CONSECUTIVE_SKIPS, len(source)))
+        return index, arrays, skipped
 
     def pools(self, weights: list[float] | None = None) -> Pools:
         """Each source's indices under its kind, with its mixture weight (1 if not given)."""
@@ -83,97 +81,64 @@ class PretrainDataset(Dataset):
         return Pools(*(tuple(by_kind[kind]) for kind in (("opt", "sar"), ("opt",), ("sar",))))
 
 
-def collate(items: list[dict[str, Tensor]]) -> dict:
-    """Stack samples into ``{"opt", "sar", "paired", ...}``; an absent modality is None.
-
-    An unpaired batch holds optical-only and SAR-only samples; each key stacks the
-    samples that have it.
-    """
-    batch: dict = {"paired": all("opt" in item and "sar" in item for item in items)}
-    for key in dict.fromkeys(k for item in items for k in item):
-        batch[key] = torch.stack([item[key] for item in items if key in item])
-    for m in MODALITIES:
-        batch.setdefault(m, None)
-    return batch
-
-
-def source_stats(source: Source, cfg: SourceConfig, cache: Path, samples: int, write: bool,
-                 skip_unreadable: bool = False) -> dict[str, Normalisation]:
-    """Normalisation of one source: given in the config, from a stats file, none, or computed
-    once and cached in the run folder."""
-    if cfg.stats == "none":
-        return {m: Normalisation([0.0], [1.0]) for m in source.modalities}
-    if cfg.stats == "given":
-        return {m: Normalisation(getattr(cfg.given, f"{m}_mean"), getattr(cfg.given, f"{m}_std"))
-                for m in source.modalities}
-    if cfg.stats != "auto":
-        return load_stats(Path(cfg.stats), source.modalities)
-    if cache.is_file():
-        return load_stats(cache, source.modalities)
-    log.info("computing normalisation statistics of source '%s' over up to %d samples", source.name, samples)
-    stats = compute_stats(source, samples, skip_unreadable=skip_unreadable)
-    if write:
-        save_stats(stats, cache, min(samples, len(source)))
-    return stats
-
-
-def build_sources(cfg: Config) -> list[Source]:
+def build_sources(data: DataConfig, channels: dict[str, int]) -> list[Source]:
     """The configured sources, listed and checked (unique names, files present)."""
-    if not cfg.data.sources:
+    if not data.sources:
         raise ConfigError("config key 'data.sources': no data source given")
-    channels = {"opt": cfg.model.opt_channels, "sar": cfg.model.sar_channels}
-    sources = [build_source(s, channels, cfg.data.root) for s in cfg.data.sources]
+    sources = [build_source(s, channels, data.root) for s in data.sources]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ConfigError(f"config key 'data.sources': source names must be unique, got {names}")
     return sources
 
 
-def build_dataset(cfg: Config, run_dir: Path, write_stats: bool = True) -> PretrainDataset:
-    """Sources with their per-source normalisation, the shared augmentation settings,
-    and the teacher feature caches when OKD reads from one."""
-    sources = build_sources(cfg)
+def build_dataset(data: DataConfig, geometry: Geometry, run_dir: Path, write_stats: bool = True,
+                  teacher_features: TeacherFeatures | None = None) -> PretrainDataset:
+    """Sources with their per-source normalisation, the shared augmentation settings, and
+    (``teacher_features``) each source's cached teacher features."""
+    sources = build_sources(data, geometry.channels)
     transforms = []
-    for source_cfg, source in zip(cfg.data.sources, sources):
+    for source_cfg, source in zip(data.sources, sources):
         norms = source_stats(source, source_cfg, run_dir / "stats" / f"{source.name}.json",
-                             cfg.data.stats_samples, write_stats, cfg.data.on_error == "skip")
-        transforms.append(PairedCrop(cfg.model.img_size, cfg.data.crop_scale, cfg.data.crop_ratio,
-                                     cfg.data.hflip, norms))
-    caches = None
-    if cfg.method.okd and cfg.method.teacher.cache:
-        caches = [TeacherFeatureCache(cfg.method.teacher.cache, s) if "opt" in s.modalities else None for s in sources]
-    return PretrainDataset(sources, transforms, caches, cfg.model.img_size // cfg.model.patch_size,
-                           cfg.data.on_error)
+                             data.stats_samples, write_stats, data.on_error == "skip")
+        transforms.append(PairedCrop(geometry.img_size, data.crop_scale, data.crop_ratio, data.hflip, norms))
+    caches = [teacher_features(s) for s in sources] if teacher_features else None
+    return PretrainDataset(sources, transforms, caches, geometry.grid, data.on_error)
 
 
-def build_training_data(cfg: Config, run_dir: Path, world_size: int, rank: int, write_stats: bool
-                        ) -> tuple[DataLoader, HomogeneousBatchSampler | ShardStream, set[str]]:
-    """The training loader, its epoch schedule (``len``, ``set_epoch``) and the source kinds in use.
+def source_kinds(data: DataConfig) -> set[str]:
+    """The kinds of sample (paired, opt, sar) the configured sources hold; shard sets say in their manifests."""
+    if any(s.layout == "shards" for s in data.sources):
+        return {s.kind for s in shard_sources(data)[0]}
+    return {"paired" if s.kind == "synthetic" else s.kind for s in data.sources}
+
+
+def build_training_data(data: DataConfig, geometry: Geometry, run_dir: Path, world_size: int, rank: int,
+                        write_stats: bool, seed: int = 0, teacher_features: TeacherFeatures | None = None
+                        ) -> tuple[DataLoader, HomogeneousBatchSampler | ShardStream]:
+    """The training loader and its epoch schedule (``len``, ``set_epoch``).
 
     Folder and synthetic sources load by index through a batch sampler; shard sets stream.
     """
-    layouts = {s.layout == "shards" for s in cfg.data.sources}
+    layouts = {s.layout == "shards" for s in data.sources}
     if layouts == {True}:
-        if cfg.method.okd and cfg.method.teacher.cache:
+        if teacher_features is not None:
             raise ConfigError("config key 'method.teacher.cache': the teacher feature cache reads folder sources "
                               "by index; with shards, run the teacher live (leave the cache empty)")
-        stream = ShardStream(*shard_sources(cfg), cfg, world_size, rank)
-        if cfg.method.name == "fusmae" and stream.kinds() != {"paired"}:
-            raise ConfigError("config key 'data.sources': Fus-MAE fuses the two images of a pair and needs paired "
-                              f"sources only; these shards hold {sorted(stream.kinds())}")
-        loader = DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
+        stream = ShardStream(*shard_sources(data), data, geometry, seed, world_size, rank)
+        loader = DataLoader(stream, batch_size=None, num_workers=data.num_workers,
                             pin_memory=torch.cuda.is_available())
-        return loader, stream, stream.kinds()
+        return loader, stream
     if len(layouts) > 1:
         raise ConfigError("config key 'data.sources': shard sets stream and cannot be mixed with folder sources; "
                           "shard every source (codemae shard) or none")
-    dataset = build_dataset(cfg, run_dir, write_stats)
-    loader = build_loader(cfg, dataset, world_size, rank)
-    return loader, loader.batch_sampler, {s.kind for s in cfg.data.sources}
+    dataset = build_dataset(data, geometry, run_dir, write_stats, teacher_features)
+    loader = build_loader(data, dataset, world_size, rank, seed)
+    return loader, loader.batch_sampler
 
 
-def build_loader(cfg: Config, dataset: PretrainDataset, world_size: int, rank: int) -> DataLoader:
-    pools = dataset.pools([s.weight for s in cfg.data.sources])
-    sampler = HomogeneousBatchSampler(pools, cfg.data.batch_size, world_size, rank, cfg.seed)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+def build_loader(data: DataConfig, dataset: PretrainDataset, world_size: int, rank: int, seed: int = 0) -> DataLoader:
+    pools = dataset.pools([s.weight for s in data.sources])
+    sampler = HomogeneousBatchSampler(pools, data.batch_size, world_size, rank, seed)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=data.num_workers,
                       persistent_workers=False, pin_memory=torch.cuda.is_available())

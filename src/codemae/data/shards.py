@@ -1,6 +1,6 @@
-"""WebDataset shards: writing them from folder sources, and streaming them into training.
+"""WebDataset shards: the manifest, and streaming shards into training.
 
-``codemae shard`` turns each folder source into tar shards of ``samples_per_shard``
+``codemae shard`` (:mod:`codemae.data.shard_writer`) turns each folder source into tar shards of ``samples_per_shard``
 samples (paired and unpaired sources never share a shard) and writes a manifest
 with the per-source statistics, every shard's sample count, size and SHA-256. A
 sample is the source's original file bytes (``<key>.opt.<ext>``, ``<key>.sar.<ext>``)
@@ -21,11 +21,9 @@ a per-sample index.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
-import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,9 +33,12 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from codemae.config import Config, SourceConfig, from_dict, to_dict
+from codemae.batch import Geometry, collate
+from codemae.config import DataConfig, SourceConfig, from_dict
+from codemae.data.listing import source_root
 from codemae.data.sampling import Part
-from codemae.data.sources import MAX_CONSECUTIVE_SKIPS, FolderSource, load_source_image, source_root
+from codemae.data.skipping import retry_readable
+from codemae.data.sources import load_source_image
 from codemae.data.transforms import Normalisation, PairedCrop
 from codemae.errors import DataError
 
@@ -68,68 +69,12 @@ class ShardedSource:
     shards: list[Shard]
 
 
-# ---- writing ---------------------------------------------------------------------------------------------------
-
-
-def write_shards(cfg: Config, out: Path, samples_per_shard: int) -> Path:
-    """Shard every folder source of ``cfg`` into ``out``, with its statistics (given, from a file, or
-    computed over ``data.stats_samples`` samples); return the manifest's path."""
-    from webdataset import TarWriter
-
-    from codemae.data.pipeline import source_stats
-
-    channels = {"opt": cfg.model.opt_channels, "sar": cfg.model.sar_channels}
-    entries = []
-    for source_cfg in cfg.data.sources:
-        if source_cfg.kind == "synthetic" or source_cfg.layout == "shards":
-            raise DataError(f"source '{source_cfg.name}': only folder sources can be sharded")
-        source = FolderSource(source_cfg, channels, cfg.data.root)
-        stats = source_stats(source, source_cfg, out / "stats" / f"{source.name}.json", cfg.data.stats_samples, True)
-        folder = out / source.name
-        folder.mkdir(parents=True, exist_ok=True)
-        shards = []
-        for start in range(0, len(source), samples_per_shard):
-            path = folder / f"shard-{start // samples_per_shard:06d}.tar"
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            indices = range(start, min(start + samples_per_shard, len(source)))
-            with tmp.open("wb") as f, TarWriter(f, encoder=False) as writer:
-                for i in indices:
-                    writer.write(record_of(source, i))
-            os.replace(tmp, path)
-            shards.append(Shard(str(path.relative_to(out)), len(indices), path.stat().st_size, sha256(path)))
-        kept = dataclasses.replace(source_cfg, root="", split=None, split_csv=None, splits=[], exclude=[])
-        entries.append({"name": source.name, "kind": source_cfg.kind, "modalities": list(source.modalities),
-                        "samples": len(source), "source": to_dict(kept),
-                        "stats": {m: dataclasses.asdict(s) for m, s in stats.items()},
-                        "shards": [dataclasses.asdict(s) for s in shards]})
-        log.info("source '%s': %d samples in %d shards", source.name, len(source), len(shards))
-    manifest = out / MANIFEST
-    tmp = manifest.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"format": FORMAT, "version": 1, "sources": entries}, indent=1) + "\n")
-    os.replace(tmp, manifest)
-    return manifest
-
-
-def record_of(source: FolderSource, index: int) -> dict[str, bytes | str]:
-    """One sample as a WebDataset record: the original file bytes, plus the tile box when tiled."""
-    file, top, left = source.tiles[index]
-    record: dict[str, bytes | str] = {"__key__": f"{index:09d}"}
-    for m, path in source.files[file].items():
-        record[f"{m}{path.suffix.lower()}"] = path.read_bytes()
-    if source.cfg.tile:
-        record["json"] = json.dumps({"stem": source.stems[index], "tile": [top, left, source.cfg.tile]}).encode()
-    return record
-
-
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-# ---- reading ---------------------------------------------------------------------------------------------------
 
 
 def is_url(root: str) -> bool:
@@ -221,22 +166,22 @@ class Slot:
 class ShardStream(IterableDataset):
     """Batches from shard sets (see the module docstring); ``len()`` is steps per epoch per rank.
 
-    A batch is what :func:`~codemae.data.pipeline.collate` makes, plus ``id``: (source, sample
+    A batch is what :func:`~codemae.batch.collate` makes, plus ``id``: (source, sample
     index) per sample, and ``skipped``: unreadable records passed over (``data.on_error=skip``).
     """
 
-    def __init__(self, sources: list[ShardedSource], roots: list[str], weights: list[float], cfg: Config,
-                 world_size: int = 1, rank: int = 0) -> None:
+    def __init__(self, sources: list[ShardedSource], roots: list[str], weights: list[float], data: DataConfig,
+                 geometry: Geometry, seed: int = 0, world_size: int = 1, rank: int = 0) -> None:
         self.sources, self.roots, self.weights = sources, roots, weights
-        self.batch_size = cfg.data.batch_size
-        self.buffer = cfg.data.shuffle_buffer
-        self.on_error = cfg.data.on_error
-        self.seed = cfg.seed
+        self.batch_size = data.batch_size
+        self.buffer = data.shuffle_buffer
+        self.on_error = data.on_error
+        self.seed = seed
         self.world_size, self.rank = world_size, rank
-        self.workers = max(1, cfg.data.num_workers)
-        self.channels = {"opt": cfg.model.opt_channels, "sar": cfg.model.sar_channels}
-        self.transforms = [PairedCrop(cfg.model.img_size, cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.hflip,
-                                      s.stats) for s in sources]
+        self.workers = max(1, data.num_workers)
+        self.channels = geometry.channels
+        self.transforms = [PairedCrop(geometry.img_size, data.crop_scale, data.crop_ratio, data.hflip, s.stats)
+                           for s in sources]
         # all shards, flattened: (source index, shard); kinds index into this list
         self.shards = [(k, shard) for k, s in enumerate(sources) for shard in s.shards]
         self.source_shards = [np.array([i for i, (k, _) in enumerate(self.shards) if k == src], dtype=np.int64)
@@ -283,8 +228,6 @@ class ShardStream(IterableDataset):
         return len(self.plan(0)[1]) * self.workers
 
     def __iter__(self) -> Iterator[dict]:
-        from codemae.data.pipeline import collate
-
         info = get_worker_info()
         # the DataLoader takes workers in turn from worker 0, so after resuming at step ``start`` worker w
         # reads the share whose batches are steps start + w, start + w + W, ... (its "lane")
@@ -351,27 +294,22 @@ class ShardStream(IterableDataset):
 
     def sample(self, stream: Iterator[tuple[int, str, dict]], seed: int) -> tuple[dict, int]:
         """The next decodable sample, augmented with ``seed``; with on_error=skip, bad records are counted."""
-        for bad in range(MAX_CONSECUTIVE_SKIPS):
+        def attempt(_: int) -> tuple[int, dict, dict]:
             k, url, record = next(stream)
-            try:
-                arrays = decode_record(record, self.sources[k], self.channels, url)
-            except DataError as err:
-                if self.on_error == "raise":
-                    raise
-                log.warning("skipped an unreadable sample (data.on_error=skip): %s", err)
-                continue
-            sample, _ = self.transforms[k](arrays, torch.Generator().manual_seed(seed))
-            sample["id"] = torch.tensor([k, int(record["__key__"])])  # (source, sample) for tracing
-            return sample, bad
-        raise DataError(f"{MAX_CONSECUTIVE_SKIPS} unreadable shard samples in a row")
+            return k, record, decode_record(record, self.sources[k], self.channels, url)
+
+        (k, record, arrays), bad = retry_readable(attempt, self.on_error, "shard stream")
+        sample, _ = self.transforms[k](arrays, torch.Generator().manual_seed(seed))
+        sample["id"] = torch.tensor([k, int(record["__key__"])])  # (source, sample index) for tracing
+        return sample, bad
 
 
-def shard_sources(cfg: Config) -> tuple[list[ShardedSource], list[str], list[float]]:
+def shard_sources(data: DataConfig) -> tuple[list[ShardedSource], list[str], list[float]]:
     """The configured shard sets' sources (``dataset`` picks one source of a set), roots and weights
     (each source's weight when it was sharded, times the shard-set entry's weight)."""
     sources, roots, weights = [], [], []
-    for source_cfg in cfg.data.sources:
-        root = shard_root(source_cfg, cfg.data.root)
+    for source_cfg in data.sources:
+        root = shard_root(source_cfg, data.root)
         for sharded in read_manifest(root):
             if source_cfg.dataset and sharded.name != source_cfg.dataset:
                 continue

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
+from codemae.config import SourceConfig
 from codemae.data.sources import Source
 from codemae.data.transforms import Normalisation
 from codemae.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def compute_stats(source: Source, max_samples: int, indices: np.ndarray | None = None,
@@ -61,3 +65,23 @@ def load_stats(path: Path, modalities: tuple[str, ...]) -> dict[str, Normalisati
         raise DataError(f"stats file {path} not found (run `codemae stats` to write it)") from err
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"stats file {path} is not a codemae stats file (missing or bad {err})") from err
+
+
+def source_stats(source: Source, cfg: SourceConfig, cache: Path, samples: int, write: bool,
+                 skip_unreadable: bool = False) -> dict[str, Normalisation]:
+    """Normalisation of one source: given in the config, from a stats file, none, or computed
+    once and cached in the run folder."""
+    if cfg.stats == "none":
+        return {m: Normalisation([0.0], [1.0]) for m in source.modalities}
+    if cfg.stats == "given":
+        return {m: Normalisation(getattr(cfg.given, f"{m}_mean"), getattr(cfg.given, f"{m}_std"))
+                for m in source.modalities}
+    if cfg.stats != "auto":
+        return load_stats(Path(cfg.stats), source.modalities)
+    if cache.is_file():
+        return load_stats(cache, source.modalities)
+    log.info("computing normalisation statistics of source '%s' over up to %d samples", source.name, samples)
+    stats = compute_stats(source, samples, skip_unreadable=skip_unreadable)
+    if write:
+        save_stats(stats, cache, min(samples, len(source)))
+    return stats

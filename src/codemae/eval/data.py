@@ -14,8 +14,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from codemae.config import ScalingConfig, SourceConfig, SyntheticConfig
+from codemae.data.listing import index_images
 from codemae.data.readers import read_image
-from codemae.data.sources import FolderSource, Source, SyntheticSource, index_images
+from codemae.data.sources import FolderSource, Source, SyntheticSource
 from codemae.data.synthetic import CLASSES, generate_scene
 from codemae.data.transforms import Normalisation
 from codemae.errors import DataError

@@ -12,12 +12,13 @@ from codemae.data.stats import compute_stats
 from codemae.data.transforms import Normalisation
 from codemae.errors import ConfigError
 from codemae.eval.data import EvalImages, LabelledSet
-from codemae.methods import PretrainMethod, build_method, load_method
+from codemae.loading import load_method
+from codemae.methods import PretrainMethod, build_method
 
 MODALITY_SETS = {"opt": ("opt",), "sar": ("sar",), "both": ("opt", "sar")}
 
 
-def load_encoder(checkpoint: str | None, random_config: str | None = None, seed: int = 0,
+def method_to_evaluate(checkpoint: str | None, random_config: str | None = None, seed: int = 0,
                  drop_path: float | None = None) -> PretrainMethod:
     """A trained method from ``checkpoint``, or (``random_config``) the configured one freshly
     initialised: the floor every result is compared with."""

@@ -13,7 +13,6 @@ set is evaluated once, after the last epoch.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +29,7 @@ from codemae.eval.probe import score
 from codemae.eval.protocols import SPLIT, training_indices
 from codemae.eval.report import summarise
 from codemae.methods import PretrainMethod
-from codemae.train.optim import NO_DECAY_NAMES, lr_at
+from codemae.train.optim import decays, declared_no_decay, lr_at
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,9 @@ PROTOCOLS = {
 }
 
 
+ENCODER_PREFIX = "method.encoder."
+
+
 class Classifier(nn.Module):
     """Encoder tokens, mean-pooled (modalities concatenated), -> BatchNorm1d -> Linear."""
 
@@ -70,27 +72,20 @@ class Classifier(nn.Module):
         return self.head(self.norm(torch.cat([tokens[m].mean(1) for m in self.modalities], dim=-1)))
 
 
-def layer_id(name: str, num_layers: int) -> int:
-    """0 for everything before the first attention block, i + 1 for encoder block i,
-    ``num_layers`` for everything after (final norm, pyramid, fusion, head)."""
-    match = re.search(r"encoder\.(?:backbones\.\w+\.)?blocks\.(\d+)\.", name)
-    if match:
-        return int(match.group(1)) + 1
-    early = ("patch_embed", "patch_norm", "pos_embed", "stage1", "stage2", "merge1", "merge2", "cls_token")
-    if name.startswith("method.encoder.") and any(f".{e}" in name for e in early):
-        return 0
-    return num_layers
-
-
 def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, decay: float) -> list[dict]:
-    """AdamW parameter groups with lr x decay^(num_layers - layer) and no decay on 1-d params / embeddings."""
-    num_layers = model.method.encoder.num_attention_blocks + 1
+    """AdamW parameter groups with lr x decay^(num_layers - layer), layers as the encoder numbers them
+    (the head and everything outside the encoder at the top), and weight decay where the optimiser
+    rules put it."""
+    encoder = model.method.encoder
+    num_layers = encoder.num_layers
+    no_decay = declared_no_decay(model)
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
-        layer = layer_id(name, num_layers)
-        no_decay = param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
-        group = groups.setdefault((layer, no_decay), {
-            "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+        inside = name.startswith(ENCODER_PREFIX)
+        layer = encoder.layer_id(name[len(ENCODER_PREFIX):]) if inside else num_layers
+        decayed = decays(name, param, no_decay)
+        group = groups.setdefault((layer, decayed), {
+            "params": [], "weight_decay": weight_decay if decayed else 0.0,
             "lr_scale": decay ** (num_layers - layer), "lr": lr,
         })
         group["params"].append(param)

@@ -29,7 +29,7 @@ def build_head(dim: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(dim), nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
 
 
-def build_optimizer(head: nn.Module) -> torch.optim.SGD:
+def probe_optimizer(head: nn.Module) -> torch.optim.SGD:
     return torch.optim.SGD(head.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=0.0)
 
 
@@ -59,7 +59,7 @@ def train_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, 
     """Train the probe; ``test_labels`` is called once, after training."""
     torch.manual_seed(seed)
     head = build_head(train_x.shape[1], num_classes)
-    optimizer = build_optimizer(head)
+    optimizer = probe_optimizer(head)
     loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
     steps_per_epoch = math.ceil(len(train_x) / batch)
     total, step = epochs * steps_per_epoch, 0

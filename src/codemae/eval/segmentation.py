@@ -82,7 +82,7 @@ class Segmenter(nn.Module):
     def forward(self, images: dict[str, Tensor]) -> Tensor:
         encoder = self.method.encoder
         with torch.set_grad_enabled(self.train_encoder and self.training):
-            out = encoder({m: images[m] for m in self.modalities})
+            out = self.method.encode_outputs({m: images[m] for m in self.modalities})
         grid = next(iter(images.values())).shape[-1] // encoder.patch_size
         per_mod = [level_maps(out[m].levels, encoder.level_grids, grid) for m in self.modalities]
         maps = [torch.cat(levels, 1) for levels in zip(*per_mod)]

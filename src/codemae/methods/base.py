@@ -2,33 +2,58 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor, nn
 
-from codemae.models.backbone import MODALITIES, Backbone, PerModalityBackbones
+from codemae.batch import Batch, images_of
+from codemae.config import Config
+from codemae.models.backbone import Encoder, EncoderOutput
+from codemae.models.build import build_encoder
+from codemae.models.teacher import Teacher
 
 
 class PretrainMethod(nn.Module):
     """A method owns an encoder; ``forward(batch)`` returns a dict of named loss terms.
 
-    The batch is ``{"opt": (B,3,H,W) | None, "sar": (B,C,H,W) | None, "paired": bool}``.
-    The engine optimises the sum of the returned terms and logs each one; it never
-    needs to know which terms a method has.
+    The batch follows :class:`codemae.batch.Batch`. The engine optimises the sum of the
+    returned terms and logs each one; it never needs to know which terms a method has.
+    ``needs_pairs``: the method fuses the two images of a pair and refuses unpaired data.
     """
 
-    encoder: Backbone | PerModalityBackbones
+    encoder: Encoder
+    needs_pairs: ClassVar[bool] = False
 
-    def forward(self, batch: dict) -> dict[str, Tensor]:
+    @classmethod
+    def build_encoder(cls, cfg: Config) -> Encoder:
+        """The encoder this method is built around, freshly initialised."""
+        return build_encoder(cfg.model, cfg.method.encoder)
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    @staticmethod
-    def images(batch: dict) -> dict[str, Tensor]:
-        """The modalities present in a batch, optical first."""
-        return {m: batch[m] for m in MODALITIES if batch.get(m) is not None}
+    images = staticmethod(images_of)
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the method learns from a frozen teacher (see :func:`codemae.loading.prepare_teacher`)."""
+        return False
+
+    def attach_teacher(self, teacher: Teacher | None) -> None:
+        raise TypeError(f"{type(self).__name__} learns from no teacher")
+
+    def encode_outputs(self, images: dict[str, Tensor]) -> dict[str, EncoderOutput]:
+        """Evaluation API: final tokens (B, N, D) and pyramid levels per modality given, no masking.
+
+        Give one modality (optical only, SAR only) or both; an encoder that fuses
+        modalities says how a missing one is handled.
+        """
+        return self.encoder(images)
 
     def encode(self, images: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Evaluation API: all tokens (B, N, D) per modality given, no masking.
+        """All final tokens (B, N, D) per modality given, no masking."""
+        return {m: out.tokens for m, out in self.encode_outputs(images).items()}
 
-        Give one modality (optical only, SAR only) or both; methods that fuse
-        modalities override this to say how a missing modality is handled.
-        """
-        return {m: out.tokens for m, out in self.encoder(images).items()}
+    def reconstruct(self, images: dict[str, Tensor]) -> dict[str, Tensor]:
+        """For inspection: ``<m>_mask`` and ``<m>_recon`` images; empty for methods that reconstruct nothing."""
+        return {}

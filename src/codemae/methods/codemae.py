@@ -19,19 +19,21 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from codemae.batch import Batch
 from codemae.config import MethodConfig
 from codemae.errors import ConfigError
 from codemae.losses import masked_mean, patch_errors, patchify, symmetric_info_nce
+from codemae.methods.ccl_heads import CCL_HEADS
 from codemae.methods.cdr_targets import CDR_TARGETS
 from codemae.methods.mae import JointMAE, Visible
-from codemae.models.attention import Block, CrossAttentionResidual, Mlp, layer_norm
-from codemae.models.backbone import Backbone, PerModalityBackbones, gather_tokens
+from codemae.models.attention import Block, layer_norm
+from codemae.models.backbone import Encoder, gather_tokens
 from codemae.models.decoder import MaskedDecoder
 from codemae.models.teacher import Teacher, to_student_grid
 
 
 class CoDeMAE(JointMAE):
-    def __init__(self, encoder: Backbone | PerModalityBackbones, cfg: MethodConfig) -> None:
+    def __init__(self, encoder: Encoder, cfg: MethodConfig) -> None:
         super().__init__(encoder, cfg)
         dim, heads = cfg.decoder_dim, cfg.decoder_heads
         self._teacher: list[Teacher] = []  # a list keeps the frozen teacher out of the state dict
@@ -47,13 +49,9 @@ class CoDeMAE(JointMAE):
                 *(Block(width, encoder.num_heads) for _ in range(cfg.okd_aux_depth)),
                 layer_norm(width), nn.Linear(width, cfg.teacher.dim),
             )
-        width = dim if cfg.ccl_input == "decoder" else encoder.embed_dim
-        if cfg.ccl == "cross_attention":
-            self.ccl_heads = nn.ModuleDict({m: CrossAttentionResidual(width, heads) for m in ("opt", "sar")})
-        elif cfg.ccl == "linear":
-            self.ccl_heads = nn.ModuleDict({m: nn.Linear(width, width) for m in ("opt", "sar")})
-        elif cfg.ccl == "mlp":
-            self.ccl_heads = nn.ModuleDict({m: Mlp(width, 4 * width) for m in ("opt", "sar")})
+        if cfg.ccl != "none":
+            width = dim if cfg.ccl_input == "decoder" else encoder.embed_dim
+            self.ccl_heads = CCL_HEADS[cfg.ccl](width, heads)
         if cfg.cdr:
             self.cdr_target = CDR_TARGETS[cfg.cdr_target]
             p = encoder.patch_size
@@ -62,11 +60,15 @@ class CoDeMAE(JointMAE):
                 outputs["opt"] = p * p
             self.cdr_decoder = MaskedDecoder(dim, cfg.cdr_depth or cfg.decoder_depth, heads, encoder.grid, outputs)
 
+    @property
+    def uses_teacher(self) -> bool:
+        return self.cfg.okd
+
     def attach_teacher(self, teacher: Teacher | None) -> None:
         """Use ``teacher`` for OKD targets of batches that carry no cached features."""
         self._teacher = [teacher] if teacher is not None else []
 
-    def forward(self, batch: dict) -> dict[str, Tensor]:
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
         images = self.images(batch)
         visible = self.embed_visible(images, (self.aux_block,) if self.cfg.okd else ())
         w = self.cfg.weights
@@ -81,7 +83,7 @@ class CoDeMAE(JointMAE):
             terms["cdr"] = w.cdr * paired * self.degraded_reconstruction(images, visible)
         return terms
 
-    def distillation(self, batch: dict, opt: Visible) -> Tensor:
+    def distillation(self, batch: Batch, opt: Visible) -> Tensor:
         """SmoothL1 of both student branches against LN(teacher patch tokens) at visible positions."""
         grid = self.encoder.grid
         target = batch.get("teacher_opt")
@@ -103,13 +105,7 @@ class CoDeMAE(JointMAE):
             opt, sar = visible["opt"].tokens, visible["sar"].tokens
         else:
             opt, sar = visible["opt"].features, visible["sar"].features
-        if self.cfg.ccl == "cross_attention":
-            a = self.ccl_heads["opt"](opt, sar).mean(1)
-            b = self.ccl_heads["sar"](sar, opt).mean(1)
-        elif self.cfg.ccl == "vanilla":
-            a, b = opt.mean(1), sar.mean(1)
-        else:
-            a, b = self.ccl_heads["opt"](opt.mean(1)), self.ccl_heads["sar"](sar.mean(1))
+        a, b = self.ccl_heads(opt, sar)
         return symmetric_info_nce(a, b, self.cfg.ccl_temperature)
 
     def degraded_reconstruction(self, images: dict[str, Tensor], visible: dict[str, Visible]) -> Tensor:
@@ -125,7 +121,6 @@ class CoDeMAE(JointMAE):
             errors.append(patch_errors(preds["opt"], sar_mean, self.cfg.norm_pix_loss))
             masks.append(visible["opt"].mask.mask)
         return masked_mean(errors, masks)
-
 
     def cross_reconstructions(self, images: dict[str, Tensor], visible: dict[str, Visible]) -> dict[str, Tensor]:
         """``cdr_recon``: the degraded optical target predicted from the SAR tokens (pixel targets only)."""

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from codemae.batch import MODALITIES, Batch
 from codemae.config import MethodConfig
 from codemae.losses import denormalise, masked_mean, patch_errors, patchify, unpatchify
 from codemae.masking import Mask, modality_masks
 from codemae.methods.base import PretrainMethod
-from codemae.models.backbone import MODALITIES, Backbone, PerModalityBackbones
+from codemae.models.backbone import Encoder
 from codemae.models.decoder import DecoderEmbed, MaskedDecoder
 
 
@@ -40,7 +41,7 @@ class JointMAE(PretrainMethod):
     patches, pooled over both modalities.
     """
 
-    def __init__(self, encoder: Backbone | PerModalityBackbones, cfg: MethodConfig) -> None:
+    def __init__(self, encoder: Encoder, cfg: MethodConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
@@ -52,7 +53,7 @@ class JointMAE(PretrainMethod):
             for name, outputs in groups.items()
         })
 
-    def forward(self, batch: dict) -> dict[str, Tensor]:
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
         images = self.images(batch)
         return {"recon": self.reconstruction(images, self.embed_visible(images))}
 

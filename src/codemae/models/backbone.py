@@ -9,13 +9,13 @@ trunk together, then split back per modality.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
+from codemae.batch import MODALITIES
 from codemae.models.pos_embed import resize_pos_embed, sincos_2d
-
-MODALITIES = ("opt", "sar")
 
 
 @dataclass
@@ -41,8 +41,39 @@ def gather_tokens(x: Tensor, ids_keep: Tensor | None) -> Tensor:
     return torch.gather(x, 1, index)
 
 
+class Encoder(Protocol):
+    """What every encoder offers its methods and evaluations: geometry, the per-modality call, and
+    its parameter-group knowledge (no-weight-decay names, layer ids for layer-wise lr decay)."""
+
+    img_size: int
+    patch_size: int
+    grid: int
+    embed_dim: int
+    num_heads: int
+    num_attention_blocks: int
+    level_dims: list[int]
+    level_grids: list[int]
+    channels: dict[str, int]
+
+    def __call__(self, images: dict[str, Tensor], ids_keep: dict[str, Tensor | None] | None = None,
+                 return_blocks: tuple[int, ...] = ()) -> dict[str, EncoderOutput]: ...
+
+    @property
+    def num_layers(self) -> int:
+        """Layer ids run 0 (embeddings) .. ``num_layers`` (everything after the last block)."""
+
+    def layer_id(self, name: str) -> int:
+        """The layer id of parameter ``name`` (relative to the encoder)."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to the encoder) of parameters never weight-decayed beyond biases and norms."""
+
+
 class Backbone(nn.Module):
-    """Per-modality patch embeddings + a shared trunk. Subclasses define the trunk."""
+    """Per-modality patch embeddings + a shared trunk. Subclasses define the trunk and
+    ``EMBEDDING_PARTS``, the top-level children that sit before the first attention block."""
+
+    EMBEDDING_PARTS: tuple[str, ...] = ("patch_embed", "pos_embed")
 
     embed_dim: int
     level_dims: list[int]
@@ -63,6 +94,21 @@ class Backbone(nn.Module):
     @property
     def num_patches(self) -> int:
         return self.grid * self.grid
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_attention_blocks + 1
+
+    def layer_id(self, name: str) -> int:
+        """0 for the embedding parts, i + 1 for attention block i, ``num_layers`` for the rest
+        (final norm, pyramid)."""
+        head, _, rest = name.partition(".")
+        if head == "blocks":
+            return int(rest.partition(".")[0]) + 1
+        return 0 if head in self.EMBEDDING_PARTS else self.num_layers
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"}
 
     def embed(self, image: Tensor, modality: str) -> Tensor:
         """Patch-embed one modality: (B, C, H, W) -> (B, N, ...) tokens in row-major patch order."""
@@ -146,6 +192,17 @@ class PerModalityBackbones(nn.Module):
         self.embed_dim, self.num_heads, self.num_attention_blocks = ref.embed_dim, ref.num_heads, ref.num_attention_blocks
         self.level_dims, self.level_grids = ref.level_dims, ref.level_grids
         self.channels = {m: c for b in backbones.values() for m, c in b.channels.items()}
+
+    @property
+    def num_layers(self) -> int:
+        return next(iter(self.backbones.values())).num_layers
+
+    def layer_id(self, name: str) -> int:
+        _, modality, rest = name.split(".", 2)  # backbones.<modality>.<name>
+        return self.backbones[modality].layer_id(rest)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbones.{m}.{n}" for m, b in self.backbones.items() for n in b.no_weight_decay()}
 
     def forward(
         self,

@@ -42,6 +42,9 @@ class MaskedDecoder(nn.Module):
         self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"}
+
     def forward(self, inputs: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
         """``inputs[m] = (visible tokens (B, L, D), ids_restore (B, N))`` -> predictions (B, N, outputs[m]).
 

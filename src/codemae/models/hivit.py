@@ -73,6 +73,8 @@ class ITPNPyramid(nn.Module):
 class HiViT(Backbone):
     """HiViT: conv sub-patch embedding, two MLP-only stages with merging, attention blocks, iTPN pyramid."""
 
+    EMBEDDING_PARTS = ("patch_embed", "patch_norm", "pos_embed", "stage1", "merge1", "stage2", "merge2")
+
     def __init__(
         self,
         img_size: int,

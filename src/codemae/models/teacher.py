@@ -97,34 +97,7 @@ class HubTeacher(Teacher):
         return self.model.forward_features(x)["x_norm_patchtokens"]
 
 
-class CheckpointTeacher(Teacher):
-    """The optical encoder of any codemae checkpoint."""
-
-    def __init__(self, cfg: TeacherConfig) -> None:
-        super().__init__(cfg)
-        from codemae.methods import load_method
-
-        self.method = load_method(cfg.path)
-        self.dim = self.method.encoder.embed_dim
-        self.patch_size = self.method.encoder.patch_size
-
-    def patch_tokens(self, x: Tensor) -> Tensor:
-        return self.method.encode({"opt": x})["opt"]
-
-
-TEACHERS = {"hf": HFTeacher, "hub": HubTeacher, "checkpoint": CheckpointTeacher}
-
-
-def build_teacher(cfg: TeacherConfig) -> Teacher | None:
-    """The configured frozen teacher, or None for ``kind: none``."""
-    if cfg.kind == "none":
-        return None
-    if not cfg.path:
-        raise ConfigError(f"config key 'method.teacher.path': required for teacher kind '{cfg.kind}'")
-    teacher = TEACHERS[cfg.kind](cfg).freeze()
-    if teacher.dim != cfg.dim:
-        raise ConfigError(f"config key 'method.teacher.dim': {cfg.dim}, but the teacher's features are {teacher.dim}-d")
-    return teacher
+TEACHERS: dict[str, type[Teacher]] = {"hf": HFTeacher, "hub": HubTeacher}  # "checkpoint": codemae.loading
 
 
 def to_student_grid(grid: Tensor, size: int) -> Tensor:

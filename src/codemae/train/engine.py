@@ -22,15 +22,23 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from codemae import __version__
+from codemae.batch import images_in, model_input
+from codemae.checkpoint import load_checkpoint, save_atomic
 from codemae.config import Config, to_dict
-from codemae.data.pipeline import build_training_data
+from codemae.data.pipeline import build_training_data, source_kinds
 from codemae.errors import ConfigError, TrainingError, one_line
-from codemae.methods import build_method
-from codemae.models.teacher import build_teacher
-from codemae.train.checkpoint import load_checkpoint, save_atomic
-from codemae.train.distributed import DistInfo, all_reduce_mean, init_distributed, params_in_sync, shutdown
+from codemae.loading import prepare_teacher
+from codemae.methods import PretrainMethod, build_method
+from codemae.train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    init_distributed,
+    params_in_sync,
+    shutdown,
+)
 from codemae.train.metrics import MetricsLog, plot_losses
-from codemae.train.optim import build_optimizer, lr_at, scaled_lr
+from codemae.train.optim import lr_at, pretraining_optimizer, scaled_lr
+from codemae.train.step import TrainStep
 
 log = logging.getLogger("codemae")
 CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -98,20 +106,11 @@ def close_logging() -> None:
         handler.close()
 
 
-def attach_teacher(method: torch.nn.Module, cfg: Config, device: torch.device) -> None:
-    """Give OKD its targets: cached features (read by the data pipeline) or a live frozen teacher."""
-    okd, teacher_cfg = cfg.method.okd, cfg.method.teacher
-    if not okd:
-        log.info("OKD off")
-    elif teacher_cfg.cache:
-        log.info("OKD targets read from the teacher cache %s", teacher_cfg.cache)
-    else:
-        teacher = build_teacher(teacher_cfg)
-        if teacher is None:
-            raise ConfigError("config key 'method.teacher.kind': method.okd is on but no teacher (kind none) "
-                              "and no teacher cache is set")
-        method.attach_teacher(teacher.to(device))
-        log.info("OKD teacher: %s from %s (%d-d features, live)", teacher_cfg.kind, teacher_cfg.path, teacher.dim)
+def check_pairing(method: PretrainMethod, kinds: set[str]) -> None:
+    """A method that fuses pairs (``needs_pairs``) refuses data with unpaired samples."""
+    if method.needs_pairs and kinds - {"paired"}:
+        raise ConfigError(f"config key 'data.sources': {type(method).__name__} fuses the two images of a pair and "
+                          f"needs paired sources only; these sources also hold {sorted(kinds - {'paired'})}")
 
 
 def nonfinite(terms: dict[str, float], grad_norm: float) -> str:
@@ -134,19 +133,21 @@ class Trainer:
             log.warning("bf16 autocast on a CPU without bf16 hardware is very slow; use precision=fp32")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.method = build_method(cfg).to(info.device)
-        attach_teacher(self.method, cfg, info.device)
-        self.loader, self.sampler, kinds = build_training_data(cfg, run_dir, info.world_size, info.rank,
-                                                               write_stats=info.is_main)
+        kinds = source_kinds(cfg.data)
+        check_pairing(self.method, kinds)
+        teacher_features = prepare_teacher(self.method, cfg.method, info.device)
+        self.loader, self.sampler = build_training_data(cfg.data, cfg.model.geometry, run_dir, info.world_size,
+                                                        info.rank, info.is_main, cfg.seed, teacher_features)
         self.steps_per_epoch = len(self.sampler) // tc.accum_steps
         if self.steps_per_epoch == 0:
             raise ConfigError(f"config key 'train.accum_steps': {tc.accum_steps} exceeds the "
                               f"{len(self.sampler)} batches of an epoch")
         self.total_steps = tc.epochs * self.steps_per_epoch
         self.stop_at = min(self.total_steps, tc.max_steps) if tc.max_steps else self.total_steps
-        self.effective_batch = cfg.data.batch_size * 2 * info.world_size * tc.accum_steps
+        self.effective_batch = images_in(cfg.data.batch_size) * info.world_size * tc.accum_steps
         self.peak_lr = scaled_lr(tc.base_lr, self.effective_batch)
         self.warmup_steps = tc.warmup_epochs * self.steps_per_epoch
-        self.optimizer = build_optimizer(self.method, self.peak_lr, tc.weight_decay, tc.betas)
+        self.optimizer = pretraining_optimizer(self.method, self.peak_lr, tc.weight_decay, tc.betas)
         self.step = self.resume()
         self.skipped_steps = 0
         self.skipped_samples = 0
@@ -154,6 +155,7 @@ class Trainer:
         if info.enabled:
             single = ("opt" in kinds) != ("sar" in kinds)  # one unpaired modality only
             self.model = DistributedDataParallel(self.method, find_unused_parameters=single)
+        self.step_parts = TrainStep(self.model, self.optimizer, info.device, tc.precision, tc.clip_grad)
         self.metrics = MetricsLog(run_dir, self.step) if info.is_main else None
         if info.is_main:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -223,36 +225,32 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         skipped_samples = 0.0
         for micro in range(tc.accum_steps):
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
-            skipped = batch.pop("skipped").sum().float()
+            batch, skipped = model_input(next(batches), device)
             torch.manual_seed(step_seed(self.cfg.seed, self.step * tc.accum_steps + micro, self.info.rank))
             last = micro == tc.accum_steps - 1
             sync = contextlib.nullcontext() if last or not self.info.enabled else self.model.no_sync()
-            with sync, torch.autocast(device.type, torch.bfloat16, enabled=tc.precision == "bf16"):
-                terms = self.model(batch)
-                total = sum(terms.values())
+            with sync:
+                terms = self.step_parts.forward(batch)
                 # one collective per micro-step: the loss terms and the count of skipped unreadable samples
-                reduced = all_reduce_mean(torch.stack([*(t.detach().float() for t in terms.values()), skipped]),
-                                          self.info)
-                (total / tc.accum_steps).backward()
+                reduced = all_reduce_mean(torch.stack([*(t.detach().float() for t in terms.values()),
+                                                       torch.tensor(float(skipped), device=device)]), self.info)
+                self.step_parts.backward(terms, 1 / tc.accum_steps)
             for name, value in zip(terms, reduced):
                 sums[name] = sums.get(name, 0.0) + value / tc.accum_steps
             skipped_samples += float(reduced[-1]) * self.info.world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), tc.clip_grad or float("inf"))
+        grad_norm = self.step_parts.clip()
         values = {name: float(v) for name, v in sums.items()}
-        problem = nonfinite(values, float(grad_norm))
+        problem = nonfinite(values, grad_norm)
         if problem and tc.on_nonfinite == "stop":
             raise TrainingError(f"{problem} at step {self.step}; stopped before the update, "
                                 f"last good checkpoint {self.run_dir / CHECKPOINT} kept")
         if problem:  # every rank sees the same all-reduced values, so all skip together
             log.warning("%s at step %d; update skipped (train.on_nonfinite=skip)", problem, self.step)
             self.skipped_steps += 1
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.step_parts.apply(update=not problem)
         self.step += 1
         return {"step": self.step, "epoch": epoch, "lr": lr, "total": sum(values.values()), **values,
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
                 "skipped_samples": round(skipped_samples)}
 
     def finish(self, seconds: float, steps: int) -> dict:

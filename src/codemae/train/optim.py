@@ -1,4 +1,4 @@
-"""AdamW with MAE's weight-decay exclusions, the linear lr scaling rule and the warm-up + cosine schedule."""
+"""AdamW with weight decay where the models declare it, the linear lr scaling rule and the warm-up + cosine schedule."""
 
 from __future__ import annotations
 
@@ -7,23 +7,32 @@ import math
 import torch
 from torch import nn
 
-NO_DECAY_NAMES = ("pos_embed", "mask_token", "cls_token")
+def declared_no_decay(model: nn.Module) -> set[str]:
+    """Full names of the parameters that ``model``'s submodules declare free of weight decay
+    (``no_weight_decay()``, the timm habit: position embeddings, mask and class tokens)."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            names |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    return names
+
+
+def decays(name: str, param: nn.Parameter, no_decay: set[str]) -> bool:
+    """Whether weight decay applies: not to biases and norms (1-d) nor to the declared names."""
+    return param.ndim > 1 and name not in no_decay
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights, and biases / norms / position embeddings / tokens without decay."""
-    decay, no_decay = [], []
+    """Two groups: decayed weights, and biases / norms / declared embeddings and tokens without decay."""
+    no_decay = declared_no_decay(model)
+    decay, keep = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if param.requires_grad:
+            (decay if decays(name, param, no_decay) else keep).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: list[float]) -> torch.optim.AdamW:
+def pretraining_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: list[float]) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(betas[0], betas[1]))
 
 
