@@ -17,6 +17,7 @@ import time
 import torch
 
 from codemae.config import Config, LossWeights, MethodConfig, ModelConfig, TeacherConfig
+from codemae.batch import make_batch
 from codemae.methods import build_method
 from codemae.models.teacher import Teacher
 from codemae.train.optim import pretraining_optimizer
@@ -63,8 +64,8 @@ def main() -> None:
     b, s = args.batch_size, args.img_size
     model = ModelConfig(backbone=args.backbone, img_size=s, sar_channels=3)
     grid = s // 16
-    batch = {"opt": torch.randn(b, 3, s, s), "sar": torch.randn(b, 3, s, s), "paired": True,
-             "opt_mean": torch.full((b, 3), 0.4), "opt_std": torch.full((b, 3), 0.2)}
+    batch = make_batch(torch.randn(b, 3, s, s), torch.randn(b, 3, s, s),
+                       opt_mean=torch.full((b, 3), 0.4), opt_std=torch.full((b, 3), 0.2))
     full = MethodConfig(name="codemae", okd=True, ccl="cross_attention", cdr=True, weights=LossWeights())
     rows = {}
     mae = build_method(Config(model=model, method=MethodConfig()))

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 from codemae.config import TeacherConfig
@@ -14,6 +15,7 @@ from codemae.errors import ConfigError
 from codemae.losses import symmetric_info_nce
 from codemae.methods import build_method
 from codemae.methods.cdr_targets import CDR_TARGETS, grayscale, hog_cells
+from codemae.batch import make_batch
 from codemae.loading import build_teacher
 from codemae.models.teacher import Teacher
 
@@ -43,8 +45,8 @@ def make(tmp_path, **method):
 
 def batch(paired=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"opt": torch.randn(4, 3, 32, 32, generator=g), "sar": torch.randn(4, 1, 32, 32, generator=g),
-            "opt_mean": torch.full((4, 3), 0.4), "opt_std": torch.full((4, 3), 0.2), "paired": paired}
+    return make_batch(torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 1, 32, 32, generator=g), paired,
+                      opt_mean=torch.full((4, 3), 0.4), opt_std=torch.full((4, 3), 0.2))
 
 
 def run(model, b, seed=1):
@@ -78,7 +80,7 @@ def test_info_nce_hand_computed_3x3():
     assert symmetric_info_nce(a, b, t).item() == pytest.approx(expected, rel=1e-5)
 
 
-def _gather_worker(rank: int, world: int, store: str, out: str) -> None:
+def _gather_worker(rank: int, world: int, store: str, out: str, gradient: str = "exact") -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -86,7 +88,7 @@ def _gather_worker(rank: int, world: int, store: str, out: str) -> None:
     net_a, net_b = nn.Linear(5, 4), nn.Linear(5, 4)
     x, y = torch.randn(8, 5), torch.randn(8, 5)
     part = slice(rank * 4, (rank + 1) * 4)
-    loss = symmetric_info_nce(net_a(x[part]), net_b(y[part]), 0.07)
+    loss = symmetric_info_nce(net_a(x[part]), net_b(y[part]), 0.07, gradient)
     loss.backward()
     grads = [p.grad.clone() for p in [*net_a.parameters(), *net_b.parameters()]]
     for g in grads:  # what DDP does: average gradients over processes
@@ -109,6 +111,35 @@ def test_gathered_info_nce_two_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
         for g1, g2 in zip(got["grads"], single):
             torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_local_ccl_gradient_is_the_published_query_side_gradient(tmp_path):
+    """``ccl_gradient: local``: each process's loss scores its own rows against all rows detached
+    (the published code); DDP's average of those gradients is checked against a hand-written
+    emulation of the two processes, and is smaller than the exact full-batch gradient."""
+    mp.spawn(_gather_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out"), "local"), nprocs=2)
+    torch.manual_seed(0)
+    net_a, net_b = nn.Linear(5, 4), nn.Linear(5, 4)
+    x, y = torch.randn(8, 5), torch.randn(8, 5)
+    params = [*net_a.parameters(), *net_b.parameters()]
+    a, b = F.normalize(net_a(x), dim=-1), F.normalize(net_b(y), dim=-1)
+    per_rank = []
+    for rank in range(2):
+        rows = slice(rank * 4, (rank + 1) * 4)
+        labels = torch.arange(4) + rank * 4
+        loss = (F.cross_entropy(a[rows] @ b.detach().T / 0.07, labels)
+                + F.cross_entropy(b[rows] @ a.detach().T / 0.07, labels)) / 2
+        per_rank.append(torch.autograd.grad(loss, params, retain_graph=True))
+    expected = [(g0 + g1) / 2 for g0, g1 in zip(*per_rank)]
+    exact = torch.autograd.grad(symmetric_info_nce(net_a(x), net_b(y), 0.07), params)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"out.{rank}", weights_only=True)
+        for g, e in zip(got["grads"], expected):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    norm = lambda gs: torch.sqrt(sum((g**2).sum() for g in gs))  # noqa: E731
+    assert norm(expected) < norm(exact)
+    one = symmetric_info_nce(net_a(x), net_b(y), 0.07, "local")  # one process: the same as exact
+    assert torch.equal(one, symmetric_info_nce(net_a(x), net_b(y), 0.07))
 
 
 def test_okd_ignores_sar_and_masked_optical_pixels(tmp_path):
@@ -159,7 +190,7 @@ def test_ccl_conditioned_embedding_is_base_plus_cross_attention_residual(tmp_pat
     head = model.ccl_heads.opt
     x, y = torch.randn(2, 5, 32), torch.randn(2, 3, 32)
     torch.testing.assert_close(head(x, y) - x, head.attn(head.norm_q(x), head.norm_kv(y)))
-    assert [type(m).__name__ for m in head.children()] == ["LayerNorm", "LayerNorm", "Attention"]
+    assert [type(m).__name__ for m in head.children()] == ["LayerNorm", "LayerNorm", "CrossAttention"]
     vanilla = make(tmp_path, ccl="vanilla")
     for ca in (model.ccl_heads.opt, model.ccl_heads.sar):
         nn.init.zeros_(ca.attn.proj.weight)

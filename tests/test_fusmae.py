@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from codemae.batch import make_batch
 from codemae.config import to_dict
 from codemae.errors import ConfigError
 from codemae.eval.segmentation import Segmenter
@@ -38,7 +39,7 @@ def test_independent_masks_differ_and_counts_may_differ():
 @pytest.mark.parametrize("fusion", ["xad", "xaed"])
 def test_runs_with_unequal_visible_counts_and_every_parameter_learns(tmp_path, fusion):
     model = make(tmp_path, fusion=fusion, masking="independent", sar_mask_ratio=0.5).train()
-    loss = model({**images(), "paired": True})["recon"]
+    loss = model(make_batch(**images()))["recon"]
     loss.backward()
     assert torch.isfinite(loss)
     assert not [n for n, p in model.named_parameters() if p.grad is None]
@@ -133,7 +134,7 @@ def test_fusion_encoder_layer_ids_and_export_need_no_special_case(tmp_path):
     ids = {name: encoder.layer_id(name) for name, _ in encoder.named_parameters()}
     assert ids["cls_token"] == 0 and ids["patch_embed.opt.weight"] == 0 and ids["pos_embed"] == 0
     assert {ids[n] for n in ids if n.startswith("fusion.")} == {1}
-    assert ids["blocks.0.attn.q.weight"] == 2 and ids["blocks.1.attn.q.weight"] == 3
+    assert ids["blocks.0.attn.qkv.weight"] == 2 and ids["blocks.1.attn.qkv.weight"] == 3
     assert ids["norm.weight"] == 4
     assert "cls_token" in encoder.no_weight_decay()
     assert {k for k in method.state_dict() if not k.startswith(("encoder.", "decoder"))} == set()

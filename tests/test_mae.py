@@ -1,5 +1,6 @@
 import torch
 
+from codemae.batch import make_batch
 from codemae.losses import masked_patch_mse, patch_errors, patchify, unpatchify
 from codemae.methods import build_method
 
@@ -49,7 +50,7 @@ def test_mae_loss_ignores_visible_patches(tmp_path):
 def test_every_parameter_gets_a_gradient(tmp_path):
     for decoder in ("shared", "independent"):
         model = build_method(tiny_config(tmp_path, method={"decoder": decoder}))
-        batch = {"opt": torch.randn(2, 3, 32, 32), "sar": torch.randn(2, 1, 32, 32), "paired": True}
+        batch = make_batch(torch.randn(2, 3, 32, 32), torch.randn(2, 1, 32, 32))
         model(batch)["recon"].backward()
         missing = [n for n, p in model.named_parameters() if p.grad is None]
         assert not missing, missing

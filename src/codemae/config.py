@@ -145,6 +145,12 @@ class ModelConfig:
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     pyramid_dim: Optional[int] = None
+    # "published": resample the position table as the published models do in masked forwards (see
+    # Backbone.pos_for); on for runs in the published layout (codemae_base.yaml, converted checkpoints)
+    pos_interp: Literal["exact", "published"] = "exact"
+    # encoder initialisation from a file before pretraining: "itpn-imagenet:<path>" (the paper's
+    # ImageNet-1K iTPN weights) or "codemae:<checkpoint>" (another run's encoder)
+    init: Optional[str] = None
 
     @property
     def channels(self) -> dict[str, int]:
@@ -208,16 +214,22 @@ class MethodConfig:
     decoder_heads: int = 16
     norm_pix_loss: bool = True
     okd: bool = False
-    okd_aux_block: Optional[int] = None
+    okd_aux_block: Optional[int] = None  # None: int(0.75 * depth), the published tap
     okd_aux_depth: int = 2
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     ccl: Literal["none", "vanilla", "linear", "mlp", "cross_attention"] = "none"
     ccl_temperature: float = 0.07
     ccl_input: Literal["decoder", "encoder"] = "decoder"  # encoder: rigid alignment on raw encoder embeddings
+    # exact: the full-batch gradient across processes; local: the published code's, through each
+    # process's own query rows only (equal on one process; about half the norm at 8 GPUs x 128)
+    ccl_gradient: Literal["exact", "local"] = "exact"
     cdr: bool = False
     cdr_direction: Literal["sar_to_opt", "both"] = "sar_to_opt"
     cdr_target: Literal["gray", "rgb", "spatial", "hog", "mgf"] = "gray"
     cdr_depth: Optional[int] = None
+    # the published decoders fill every pyramid level with the mask token before summing the levels,
+    # so a masked position carries one token per level; false: one token in all
+    mask_token_per_level: bool = True
     weights: LossWeights = field(default_factory=LossWeights)
     fusion: Literal["xad", "xaed"] = "xaed"
 

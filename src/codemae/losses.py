@@ -73,18 +73,30 @@ def gather_rows(x: Tensor) -> tuple[Tensor, int]:
     return torch.cat(parts), world
 
 
-def symmetric_info_nce(a: Tensor, b: Tensor, temperature: float) -> Tensor:
+def symmetric_info_nce(a: Tensor, b: Tensor, temperature: float, gradient: str = "exact") -> Tensor:
     """``(CE(a->b) + CE(b->a)) / 2`` over the L2-normalised rows of ``a`` and ``b`` (B, D);
     row i of ``a`` and of ``b`` are a positive pair, every other row a negative.
 
-    Negatives come from all processes (gathered without gradient). Each process
-    evaluates the whole cross-process loss (its own rows sit at labels offset by
-    rank), so the value is the same for any number of processes; its gradient,
-    which reaches only the local rows, is scaled by the world size so that DDP's
-    gradient averaging yields exactly the single-process gradient.
+    Negatives come from all processes. ``exact``: each process evaluates the whole
+    cross-process loss (its own rows sit at labels offset by rank), so the value is the
+    same for any number of processes; its gradient, which reaches only the local rows,
+    is scaled by the world size so that DDP's gradient averaging yields exactly the
+    single-process gradient. ``local`` (the published code): each process scores only its
+    own rows as queries against every process's rows gathered without any gradient, the
+    local ones included, so the gradient flows through the query side only (identical
+    to ``exact`` on one process).
     """
-    a_all, world = gather_rows(F.normalize(a, dim=-1))
-    b_all, _ = gather_rows(F.normalize(b, dim=-1))
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    if gradient == "local":
+        a_all, world = gather_rows(a.detach())
+        if world == 1:
+            return symmetric_info_nce(a, b, temperature)
+        b_all, _ = gather_rows(b.detach())
+        labels = torch.arange(a.shape[0], device=a.device) + dist.get_rank() * a.shape[0]
+        return (F.cross_entropy(a @ b_all.T / temperature, labels)
+                + F.cross_entropy(b @ a_all.T / temperature, labels)) / 2
+    a_all, world = gather_rows(a)
+    b_all, _ = gather_rows(b)
     logits = a_all @ b_all.T / temperature
     labels = torch.arange(logits.shape[0], device=logits.device)
     loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

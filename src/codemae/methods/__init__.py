@@ -14,4 +14,4 @@ METHODS: dict[str, type[PretrainMethod]] = {"mae": JointMAE, "codemae": CoDeMAE,
 def build_method(cfg: Config) -> PretrainMethod:
     """The configured method around a freshly initialised encoder (no teacher attached)."""
     method_cls = METHODS[cfg.method.name]
-    return method_cls(method_cls.build_encoder(cfg), cfg.method)
+    return method_cls(method_cls.build_encoder(cfg), cfg.method).init_layers()

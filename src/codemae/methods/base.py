@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from codemae.batch import Batch, images_of
 from codemae.config import Config
+from codemae.models.attention import INITS
 from codemae.models.backbone import Encoder, EncoderOutput
 from codemae.models.build import build_encoder
 from codemae.models.teacher import Teacher
@@ -31,6 +32,15 @@ class PretrainMethod(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def init_layers(self) -> PretrainMethod:
+        """Initialise every linear and norm layer outside the encoder as the encoder's published family
+        does (MAE's xavier-uniform for ViTs, iTPN's N(0, 0.02) for HiViT); tokens keep their own init."""
+        init = INITS[self.encoder.layout]
+        for name, child in self.named_children():
+            if name != "encoder":
+                child.apply(init)
+        return self
 
     images = staticmethod(images_of)
 

@@ -14,12 +14,13 @@ from codemae.models.attention import CrossAttentionResidual, Mlp
 
 
 class CrossAttentionSpace(nn.Module):
-    """CoDe-MAE's conditioned space: each modality attends to the other (residual cross-attention), then mean-pools."""
+    """CoDe-MAE's conditioned space: each modality attends to the other (residual cross-attention), then
+    mean-pools. Its LayerNorms keep eps 1e-5, as published (the block does not pass its norm layer on)."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
-        self.opt = CrossAttentionResidual(dim, num_heads)
-        self.sar = CrossAttentionResidual(dim, num_heads)
+        self.opt = CrossAttentionResidual(dim, num_heads, eps=1e-5)
+        self.sar = CrossAttentionResidual(dim, num_heads, eps=1e-5)
 
     def forward(self, opt: Tensor, sar: Tensor) -> tuple[Tensor, Tensor]:
         return self.opt(opt, sar).mean(1), self.sar(sar, opt).mean(1)

@@ -28,7 +28,6 @@ from codemae.methods.cdr_targets import CDR_TARGETS
 from codemae.methods.mae import JointMAE, Visible
 from codemae.models.attention import Block, layer_norm
 from codemae.models.backbone import Encoder, gather_tokens
-from codemae.models.decoder import MaskedDecoder
 from codemae.models.teacher import Teacher, to_student_grid
 
 
@@ -40,7 +39,7 @@ class CoDeMAE(JointMAE):
         self.aux_block = -1
         if cfg.okd:
             depth = encoder.num_attention_blocks
-            self.aux_block = cfg.okd_aux_block if cfg.okd_aux_block is not None else (3 * depth) // 4 - 1
+            self.aux_block = cfg.okd_aux_block if cfg.okd_aux_block is not None else int(0.75 * depth)
             if not 0 <= self.aux_block < depth:
                 raise ConfigError(f"config key 'method.okd_aux_block': {self.aux_block} is not a block of 0..{depth - 1}")
             width = encoder.embed_dim
@@ -58,7 +57,7 @@ class CoDeMAE(JointMAE):
             outputs = {"sar": self.cdr_target.length(p)}
             if cfg.cdr_direction == "both":
                 outputs["opt"] = p * p
-            self.cdr_decoder = MaskedDecoder(dim, cfg.cdr_depth or cfg.decoder_depth, heads, encoder.grid, outputs)
+            self.cdr_decoder = self.masked_decoder(outputs, cfg.cdr_depth)
 
     @property
     def uses_teacher(self) -> bool:
@@ -106,7 +105,7 @@ class CoDeMAE(JointMAE):
         else:
             opt, sar = visible["opt"].features, visible["sar"].features
         a, b = self.ccl_heads(opt, sar)
-        return symmetric_info_nce(a, b, self.cfg.ccl_temperature)
+        return symmetric_info_nce(a, b, self.cfg.ccl_temperature, self.cfg.ccl_gradient)
 
     def degraded_reconstruction(self, images: dict[str, Tensor], visible: dict[str, Visible]) -> Tensor:
         """MSE on masked patches of the degraded optical target predicted from SAR tokens

@@ -45,7 +45,7 @@ class FusMAE(PretrainMethod):
             raise ConfigError("config key 'model.backbone': Fus-MAE needs a ViT backbone (vit_tiny, vit_small, vit_base)")
         self.cfg = cfg
         self.encoder = encoder
-        self.decoder_embed = DecoderEmbed(encoder.level_dims, cfg.decoder_dim)
+        self.decoder_embed = DecoderEmbed(encoder.level_dims, encoder.level_grids, cfg.decoder_dim, norm=False)
         self.decoder_fusion = nn.ModuleDict({m: CrossFusion(cfg.decoder_dim, cfg.decoder_heads) for m in MODALITIES})
         self.decoders = nn.ModuleDict({
             m: MaskedDecoder(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, encoder.grid,

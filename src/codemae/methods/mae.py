@@ -36,8 +36,8 @@ class JointMAE(PretrainMethod):
 
     Both modalities are masked (consistently by default), encoded by one shared
     trunk (or one per modality with ``encoder: independent``), embedded into the
-    decoder from the pyramid levels and reconstructed by a shared decoder (or one
-    per modality with ``decoder: independent``). Loss: norm-pix MSE on masked
+    decoder from the pyramid levels and reconstructed by a shared decoder (or, with
+    ``decoder: independent``, one decoder and one decoder embedding per modality, as published). Loss: norm-pix MSE on masked
     patches, pooled over both modalities.
     """
 
@@ -45,13 +45,25 @@ class JointMAE(PretrainMethod):
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
-        self.decoder_embed = DecoderEmbed(encoder.level_dims, cfg.decoder_dim)
         pixels = {m: encoder.patch_size**2 * c for m, c in encoder.channels.items()}
         groups = {"shared": pixels} if cfg.decoder == "shared" else {m: {m: pixels[m]} for m in MODALITIES}
-        self.decoders = nn.ModuleDict({
-            name: MaskedDecoder(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, encoder.grid, outputs)
-            for name, outputs in groups.items()
-        })
+        self.decoder_embed = nn.ModuleDict({name: self.level_embedding() for name in groups})
+        self.decoders = nn.ModuleDict({name: self.masked_decoder(outputs) for name, outputs in groups.items()})
+
+    def level_embedding(self) -> DecoderEmbed:
+        """The embedding of the encoder's levels at the decoder width, in the encoder family's form."""
+        e = self.encoder
+        return DecoderEmbed(e.level_dims, e.level_grids, self.cfg.decoder_dim, norm=e.layout == "itpn")
+
+    def masked_decoder(self, outputs: dict[str, int], depth: int | None = None) -> MaskedDecoder:
+        """A decoder at the configured width predicting ``outputs`` values per patch and modality."""
+        copies = len(self.encoder.level_dims) if self.cfg.mask_token_per_level else 1
+        return MaskedDecoder(self.cfg.decoder_dim, depth or self.cfg.decoder_depth, self.cfg.decoder_heads,
+                             self.encoder.grid, outputs, copies)
+
+    def group_of(self, modality: str) -> str:
+        """The decoder (and decoder embedding) that serves ``modality``."""
+        return "shared" if "shared" in self.decoders else modality
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         images = self.images(batch)
@@ -66,7 +78,8 @@ class JointMAE(PretrainMethod):
                                self.cfg.masking, first.device)
         encoded = self.encoder(images, {m: masks[m].ids_keep for m in images}, return_blocks)
         return {
-            m: Visible(masks[m], self.decoder_embed(encoded[m].levels), encoded[m].tokens, encoded[m].hidden)
+            m: Visible(masks[m], self.decoder_embed[self.group_of(m)](encoded[m].levels), encoded[m].tokens,
+                       encoded[m].hidden)
             for m in images
         }
 

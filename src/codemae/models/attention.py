@@ -40,11 +40,27 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with ``F.scaled_dot_product_attention``.
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``, one fused qkv projection
+    (output channels [q | k | v], heads-major within each, as timm and the published models lay it out)."""
 
-    Self-attention when called with one sequence; cross-attention when given a
-    separate key/value sequence (which may have a different length).
-    """
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention: queries from ``x``, keys and values (output channels [k | v])
+    from ``context``, which may have another length."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
@@ -55,8 +71,7 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        context = x if context is None else context
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, n, d = x.shape
         h = self.num_heads
         q = self.q(x).view(b, n, h, d // h).transpose(1, 2)
@@ -86,13 +101,14 @@ class Block(nn.Module):
 
 
 class CrossAttentionResidual(nn.Module):
-    """``x + CA(q=LN(x), kv=LN(y))``: residual cross-attention with no MLP and no output norm."""
+    """``x + CA(q=LN(x), kv=LN(y))``: residual cross-attention with no MLP and no output norm.
+    ``eps``: of the two LayerNorms (the published CCL block keeps PyTorch's 1e-5)."""
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, eps: float = LN_EPS) -> None:
         super().__init__()
-        self.norm_q = layer_norm(dim)
-        self.norm_kv = layer_norm(dim)
-        self.attn = Attention(dim, num_heads)
+        self.norm_q = nn.LayerNorm(dim, eps=eps)
+        self.norm_kv = nn.LayerNorm(dim, eps=eps)
+        self.attn = CrossAttention(dim, num_heads)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return x + self.attn(self.norm_q(x), self.norm_kv(y))
@@ -107,6 +123,21 @@ def init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def init_trunc_normal(module: nn.Module) -> None:
+    """iTPN / published CoDe-MAE initialisation: linear weights N(0, 0.02) truncated at +-2 (absolute,
+    so in effect untruncated), zero biases, unit norms; convolutions keep PyTorch's default."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+INITS = {"mae": init_weights, "itpn": init_trunc_normal}  # by an encoder's ``init_scheme``
 
 
 def stochastic_depth(rate: float, n: int) -> list[float]:

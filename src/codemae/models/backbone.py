@@ -8,6 +8,7 @@ trunk together, then split back per modality.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from codemae.batch import MODALITIES
-from codemae.models.pos_embed import resize_pos_embed, sincos_2d
+from codemae.models.pos_embed import published_resize, resize_pos_embed, sincos_2d
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Encoder(Protocol):
     level_dims: list[int]
     level_grids: list[int]
     channels: dict[str, int]
+    layout: str  # "mae" (ViT) or "itpn" (HiViT + iTPN): initialisation and decoder embedding of its methods
 
     def __call__(self, images: dict[str, Tensor], ids_keep: dict[str, Tensor | None] | None = None,
                  return_blocks: tuple[int, ...] = ()) -> dict[str, EncoderOutput]: ...
@@ -74,6 +76,7 @@ class Backbone(nn.Module):
     ``EMBEDDING_PARTS``, the top-level children that sit before the first attention block."""
 
     EMBEDDING_PARTS: tuple[str, ...] = ("patch_embed", "pos_embed")
+    layout = "mae"  # the published family it follows: how methods initialise their layers and embed its levels
 
     embed_dim: int
     level_dims: list[int]
@@ -81,7 +84,8 @@ class Backbone(nn.Module):
     num_attention_blocks: int
     num_heads: int
 
-    def __init__(self, img_size: int, patch_size: int, channels: dict[str, int], pos_dim: int) -> None:
+    def __init__(self, img_size: int, patch_size: int, channels: dict[str, int], pos_dim: int,
+                 pos_interp: str = "exact") -> None:
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
@@ -90,6 +94,7 @@ class Backbone(nn.Module):
         self.channels = dict(channels)
         self.grid = img_size // patch_size
         self.pos_embed = nn.Parameter(sincos_2d(pos_dim, self.grid).unsqueeze(0))
+        self.pos_interp = pos_interp
 
     @property
     def num_patches(self) -> int:
@@ -118,11 +123,6 @@ class Backbone(nn.Module):
         """Run the shared layers on embedded tokens, keeping only ``ids_keep``."""
         raise NotImplementedError
 
-    def init_patch_embeds(self) -> None:
-        """Xavier-uniform init of each patch-embedding conv, viewed as a linear layer (as MAE does)."""
-        for conv in self.patch_embed.values():
-            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
-
     def run_blocks(self, x: Tensor, return_blocks: tuple[int, ...]) -> tuple[Tensor, dict[int, Tensor]]:
         """Apply ``self.blocks``, keeping the outputs of the blocks listed in ``return_blocks``."""
         hidden = {}
@@ -133,9 +133,17 @@ class Backbone(nn.Module):
         return x, hidden
 
     def pos_for(self, num_tokens: int, ids_keep: Tensor | None, batch: int) -> Tensor:
-        """Position embedding resized to ``num_tokens`` patches and gathered at ``ids_keep``."""
-        pos = resize_pos_embed(self.pos_embed, num_tokens).expand(batch, -1, -1)
-        return gather_tokens(pos, ids_keep)
+        """Position embedding resized to ``num_tokens`` patches and gathered at ``ids_keep``.
+
+        ``pos_interp: published`` reproduces the published models: whenever the kept tokens are not
+        the stored grid (every masked forward, other sizes), the table goes through a bicubic
+        resampling at scale (grid + 0.1) / stored grid, which changes it slightly even at equal size.
+        """
+        if self.pos_interp == "published" and (ids_keep is not None or num_tokens != self.pos_embed.shape[1]):
+            pos = published_resize(self.pos_embed, math.isqrt(num_tokens))
+        else:
+            pos = resize_pos_embed(self.pos_embed, num_tokens)
+        return gather_tokens(pos.expand(batch, -1, -1), ids_keep)
 
     def forward(
         self,
@@ -190,7 +198,7 @@ class PerModalityBackbones(nn.Module):
         ref = next(iter(backbones.values()))
         self.img_size, self.patch_size, self.grid = ref.img_size, ref.patch_size, ref.grid
         self.embed_dim, self.num_heads, self.num_attention_blocks = ref.embed_dim, ref.num_heads, ref.num_attention_blocks
-        self.level_dims, self.level_grids = ref.level_dims, ref.level_grids
+        self.level_dims, self.level_grids, self.layout = ref.level_dims, ref.level_grids, ref.layout
         self.channels = {m: c for b in backbones.values() for m, c in b.channels.items()}
 
     @property

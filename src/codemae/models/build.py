@@ -41,7 +41,7 @@ def build_backbone(cfg: ModelConfig, only: str | None = None, family_cls: type[B
     channels = cfg.channels if only is None else {only: cfg.channels[only]}
     try:
         return (family_cls or cls)(img_size=cfg.img_size, patch_size=cfg.patch_size, channels=channels,
-                                   drop_path=cfg.drop_path, **arch)
+                                   drop_path=cfg.drop_path, pos_interp=cfg.pos_interp, **arch)
     except ValueError as err:
         raise ConfigError(f"config key 'model': {err}") from err
 

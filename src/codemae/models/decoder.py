@@ -5,25 +5,45 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from codemae.models.attention import Block, init_weights, layer_norm
+from codemae.models.attention import Block, layer_norm
 from codemae.models.pos_embed import resize_pos_embed, sincos_2d
 
 
 class DecoderEmbed(nn.Module):
-    """Project each pyramid level to the decoder width and sum them ("decoder-embedded" tokens)."""
+    """Embed each pyramid level at the decoder width and sum the levels ("decoder-embedded" tokens).
 
-    def __init__(self, level_dims: list[int], dim: int) -> None:
+    A level (B, L, s*s*C) holds s x s sub-tokens of C channels per patch. With ``norm`` (the iTPN
+    layout) each sub-token passes LayerNorm(C) and Linear(C -> dim / s^2), and a patch's sub-tokens
+    are concatenated in (row, column) order; without it (a ViT's single level) one Linear(C -> dim).
+    """
+
+    def __init__(self, level_dims: list[int], level_grids: list[int], dim: int, norm: bool) -> None:
         super().__init__()
-        self.proj = nn.ModuleList(nn.Linear(d, dim) for d in level_dims)
-        self.apply(init_weights)
+        self.grids = list(level_grids)
+        for s in self.grids:
+            if dim % (s * s):
+                raise ValueError(f"decoder width {dim} is not divisible by the {s}x{s} sub-tokens of a level")
+        self.proj = nn.ModuleList(
+            nn.Sequential(layer_norm(d // (s * s)), nn.Linear(d // (s * s), dim // (s * s))) if norm
+            else nn.Linear(d, dim)
+            for d, s in zip(level_dims, self.grids)
+        )
 
     def forward(self, levels: list[Tensor]) -> Tensor:
-        return sum(proj(level) for proj, level in zip(self.proj, levels))
+        out = None
+        for proj, level, s in zip(self.proj, levels, self.grids):
+            b, n, _ = level.shape
+            embedded = proj(level.view(b, n, s * s, -1)).reshape(b, n, -1)
+            out = embedded if out is None else out + embedded
+        return out
 
 
 class MaskedDecoder(nn.Module):
     """Fills masked positions with a learned mask token, adds fixed sin-cos positions,
-    runs transformer blocks and predicts a vector per patch.
+    runs transformer blocks and predicts a vector per patch. ``mask_copies``: masked positions hold
+    that many mask tokens, summed (the published iTPN decoders fill each pyramid level with the
+    token before summing the levels, so a masked position carries one per level). The method that
+    builds a decoder initialises its layers (:data:`~codemae.models.attention.INITS`).
 
     ``outputs`` maps each input modality to the length of its per-patch prediction
     (P*P*C pixels for reconstruction). There is one output head per distinct length,
@@ -31,15 +51,16 @@ class MaskedDecoder(nn.Module):
     while 1- or 2-channel SAR gets its own.
     """
 
-    def __init__(self, dim: int, depth: int, num_heads: int, grid: int, outputs: dict[str, int]) -> None:
+    def __init__(self, dim: int, depth: int, num_heads: int, grid: int, outputs: dict[str, int],
+                 mask_copies: int = 1) -> None:
         super().__init__()
         self.outputs = dict(outputs)
+        self.mask_copies = mask_copies
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_2d(dim, grid).unsqueeze(0), persistent=False)
         self.blocks = nn.ModuleList(Block(dim, num_heads, 4.0) for _ in range(depth))
         self.norm = layer_norm(dim)
         self.heads = nn.ModuleDict({str(k): nn.Linear(dim, k) for k in sorted(set(outputs.values()))})
-        self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
@@ -62,5 +83,6 @@ class MaskedDecoder(nn.Module):
 
     def _unshuffle(self, visible: Tensor, ids_restore: Tensor) -> Tensor:
         b, n = ids_restore.shape
-        tokens = torch.cat([visible, self.mask_token.expand(b, n - visible.shape[1], -1)], dim=1)
+        mask = self.mask_token * self.mask_copies if self.mask_copies != 1 else self.mask_token
+        tokens = torch.cat([visible, mask.expand(b, n - visible.shape[1], -1)], dim=1)
         return torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))

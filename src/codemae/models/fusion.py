@@ -18,7 +18,6 @@ class CrossFusion(nn.Module):
         super().__init__()
         self.cross = CrossAttentionResidual(dim, num_heads)
         self.mlp = Block(dim, 0, 4.0)
-        self.apply(init_weights)
 
     def forward(self, z: Tensor, context: Tensor | None) -> Tensor:
         return self.mlp(z if context is None else self.cross(z, context))
@@ -34,12 +33,13 @@ class FusionViT(ViT):
     """
 
     def __init__(self, img_size: int, patch_size: int, channels: dict[str, int], embed_dim: int, depth: int,
-                 num_heads: int, drop_path: float = 0.0) -> None:
+                 num_heads: int, drop_path: float = 0.0, pos_interp: str = "exact") -> None:
         if depth < 2:
             raise ValueError(f"the fusion encoder needs depth >= 2 (a fusion block and attention), got {depth}")
-        super().__init__(img_size, patch_size, channels, embed_dim, depth - 1, num_heads, drop_path)
+        super().__init__(img_size, patch_size, channels, embed_dim, depth - 1, num_heads, drop_path, pos_interp)
         self.num_attention_blocks = depth
         self.fusion = CrossFusion(embed_dim, num_heads)
+        self.fusion.apply(init_weights)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         nn.init.normal_(self.cls_token, std=0.02)
 

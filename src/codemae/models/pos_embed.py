@@ -38,3 +38,16 @@ def resize_pos_embed(pos: Tensor, num_tokens: int) -> Tensor:
     grid = pos.reshape(1, old, old, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
     return grid.permute(0, 2, 3, 1).reshape(1, num_tokens, -1)
+
+
+def published_resize(pos: Tensor, grid: int) -> Tensor:
+    """The published models' resampling of a (1, N, D) square-grid table to ``grid x grid``: bicubic
+    with ``scale_factor = (grid + 0.1) / sqrt(N)``, the factor also used to map coordinates, so the
+    table changes (by up to ~0.1 on a sin-cos table) even when the size stays the same."""
+    old = math.isqrt(pos.shape[1])
+    table = pos.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    scale = (grid + 0.1) / old
+    table = F.interpolate(table, scale_factor=(scale, scale), mode="bicubic", align_corners=False)
+    if table.shape[-2:] != (grid, grid):
+        raise ValueError(f"published position resampling gave {tuple(table.shape[-2:])}, not {grid}x{grid}")
+    return table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)

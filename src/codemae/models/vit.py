@@ -26,8 +26,9 @@ class ViT(Backbone):
         depth: int,
         num_heads: int,
         drop_path: float = 0.0,
+        pos_interp: str = "exact",
     ) -> None:
-        super().__init__(img_size, patch_size, channels, embed_dim)
+        super().__init__(img_size, patch_size, channels, embed_dim, pos_interp)
         self.embed_dim = embed_dim
         self.num_attention_blocks = depth
         self.num_heads = num_heads
@@ -39,7 +40,8 @@ class ViT(Backbone):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, 4.0, p) for p in stochastic_depth(drop_path, depth))
         self.norm = layer_norm(embed_dim)
         self.apply(init_weights)
-        self.init_patch_embeds()
+        for conv in self.patch_embed.values():  # xavier-uniform, viewed as a linear layer (as MAE does)
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
 
     def embed(self, image: Tensor, modality: str) -> Tensor:
         return self.patch_embed[modality](image).flatten(2).transpose(1, 2)
