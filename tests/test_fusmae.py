@@ -141,8 +141,9 @@ def test_fusion_encoder_layer_ids_and_export_need_no_special_case(tmp_path):
 
 
 def test_checkpoint_of_the_earlier_fusmae_layout_loads(tmp_path):
-    """Fus-MAE checkpoints written before the fusion encoder existed keep their fusion block under
-    ``encoder_fusion.`` and the CLS token at the top level; they load, renamed, to identical weights."""
+    """Layout 1 Fus-MAE checkpoints (fusion block under ``encoder_fusion.``, CLS token at the top level,
+    separate q and kv projections in self-attention, no ``layout`` entry) load, converted, to
+    identical weights."""
     method = make(tmp_path, fusion="xaed")
     renames = {"encoder.fusion.": "encoder_fusion.", "encoder.cls_token": "cls_token"}
     old = {}
@@ -150,8 +151,12 @@ def test_checkpoint_of_the_earlier_fusmae_layout_loads(tmp_path):
         for new, earlier in renames.items():
             if key.startswith(new):
                 key = earlier + key[len(new):]
+        if ".attn.qkv." in key:
+            q, kv = value.split([value.shape[0] // 3, 2 * value.shape[0] // 3])
+            old[key.replace(".qkv.", ".q.")], old[key.replace(".qkv.", ".kv.")] = q, kv
+            continue
         old[key] = value
-    assert "encoder_fusion.cross.attn.qkv.weight" in old or any(k.startswith("encoder_fusion.") for k in old)
+    assert any(k.startswith("encoder_fusion.") for k in old) and "encoder.blocks.0.attn.kv.weight" in old
     path = tmp_path / "old.pt"
     torch.save({"model": old, "config": to_dict(tiny_config(tmp_path, model=VIT, method={"name": "fusmae"}))}, path)
     loaded = load_method(path)

@@ -2,7 +2,7 @@
 
 Ground floor (batch contract, config schema, losses, masking, errors, checkpoint files)
 under Data and Models side by side (neither imports the other), Methods over Models,
-``loading`` (files to modules) over both, Train and Eval/Analysis above, the CLI on top;
+``loading`` (files to modules) and ``official`` (the published weights) over both, Train and Eval/Analysis above, the CLI on top;
 nothing below the CLI imports it. Imports inside functions count as much as those at the top.
 """
 
@@ -22,12 +22,14 @@ ALLOWED = {
     "models": {"ground"},
     "methods": {"ground", "models"},
     "loading": {"ground", "data", "models", "methods"},
-    "train": {"ground", "data", "models", "methods", "loading"},
+    "official": {"ground", "models", "methods", "loading"},
+    "train": {"ground", "data", "models", "methods", "loading", "official"},
     "eval": {"ground", "data", "models", "methods", "loading", "train"},
     "analysis": {"ground", "data", "models", "methods", "loading", "eval"},
     "export": {"ground", "methods", "loading"},
     "bench": {"ground", "data", "methods", "train", "config"},
-    "cli": {"ground", "data", "models", "methods", "loading", "train", "eval", "analysis", "export", "bench"},
+    "cli": {"ground", "data", "models", "methods", "loading", "official", "train", "eval", "analysis", "export",
+            "bench"},
     "top": {"export", "methods"},  # codemae/__init__: the version and the public load_encoder
 }
 ANYONE = {"top"}  # the package root: anything may read codemae.__version__

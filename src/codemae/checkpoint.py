@@ -11,6 +11,10 @@ import torch
 
 from codemae.errors import DataError, TrainingError
 
+# the version of codemae's model layout a checkpoint's weights follow (stored as "layout"):
+# 1: before the published HiViT/iTPN structure (codemae 0.1.0 up to 2026-11-23); 2: the published one
+LAYOUT = 2
+
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
     """Write ``payload`` to ``path`` so that ``path`` always holds a complete checkpoint.

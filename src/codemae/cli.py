@@ -226,6 +226,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from codemae.official import convert_checkpoint
+
+    out = convert_checkpoint(args.checkpoint, args.out, args.overrides)
+    print(f"wrote {out}: a codemae checkpoint of the published model; evaluate it with --checkpoint {out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from codemae.bench import run_bench
 
@@ -286,6 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="turn the CoDe-MAE authors' pretraining checkpoint into a codemae checkpoint",
+                       description="Reads a published checkpoint (its 'model' entry; argparse settings allowed, "
+                                   "nothing else unpickled), infers the config from its tensors, maps every tensor "
+                                   "to codemae's name (an unplaceable one is an error) and writes a checkpoint that "
+                                   "loads strictly. The ImageNet-1K iTPN weights are not converted: pretraining "
+                                   "starts from them with model.init=itpn-imagenet:<file>.")
+    p.add_argument("--from", dest="source", choices=["codemae-official"], required=True, help="the file's origin")
+    p.add_argument("--checkpoint", required=True, help="e.g. INP_dec8share_dino_pixC_CA_800E/checkpoint-800.pth")
+    p.add_argument("--out", required=True, help="the codemae checkpoint to write (.pt)")
+    p.add_argument("overrides", nargs="*", help="settle what tensors cannot tell, e.g. method.cdr_target=mgf")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("teacher-cache", help="run the OKD teacher once over the data and store its features",
                        description="Writes the teacher's patch features of every optical image of the "

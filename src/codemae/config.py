@@ -344,10 +344,6 @@ def validate(cfg: Config) -> None:
     extras = [k for k, on in (("okd", cfg.method.okd), ("ccl", cfg.method.ccl != "none"), ("cdr", cfg.method.cdr)) if on]
     _require(cfg.method.name == "codemae" or not extras, "method.name", f"{'/'.join(extras)} need 'codemae'",
              cfg.method.name)
-    teacher = cfg.method.teacher
-    _require(not cfg.method.okd or teacher.kind != "none" or bool(teacher.cache), "method.teacher.kind",
-             "method.okd is on but there is no teacher: set method.teacher.kind and path, or method.teacher.cache",
-             teacher.kind)
     betas = cfg.train.betas
     _require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "train.betas", "must be two values in [0, 1)", betas)
     for i, source in enumerate(cfg.data.sources):

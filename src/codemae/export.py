@@ -16,12 +16,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from codemae.checkpoint import LAYOUT
 from codemae.errors import DataError
 from codemae.loading import (
     method_from_config,
     method_from_state,
     read_method_checkpoint,
-    upgrade_weights,
+    upgrade,
 )
 from codemae.methods import PretrainMethod
 
@@ -43,8 +44,8 @@ def export_encoder(checkpoint: str | Path, out: str | Path) -> Path:
     tmp = out / f".{WEIGHTS}.tmp-{os.getpid()}"
     save_file(encoder_state(method), str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, out / WEIGHTS)
-    meta = {"format": FORMAT, "version": 1, "step": state.get("step"), "checkpoint": str(checkpoint),
-            "config": state["config"]}
+    meta = {"format": FORMAT, "version": 1, "layout": LAYOUT, "step": state.get("step"),
+            "checkpoint": str(checkpoint), "config": state["config"]}
     (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -63,10 +64,11 @@ def load_encoder(directory: str | Path, device: str | torch.device = "cpu") -> P
     if meta.get("format") != FORMAT or "config" not in meta:
         raise DataError(f"{directory / CONFIG}: not a codemae encoder export")
     try:
-        weights = upgrade_weights(load_file(str(directory / WEIGHTS)), str(directory / WEIGHTS))
+        weights = load_file(str(directory / WEIGHTS))
     except (OSError, SafetensorError) as err:
         raise DataError(f"{directory / WEIGHTS}: not a safetensors file ({err}); refusing to load it") from err
-    method = method_from_config(meta["config"])
+    weights, config = upgrade(weights, meta["config"], meta.get("layout", 1), str(directory))
+    method = method_from_config(config)
     expected = set(encoder_state(method))
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:

@@ -14,18 +14,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from codemae.checkpoint import load_checkpoint
+from codemae.checkpoint import LAYOUT, load_checkpoint
 from codemae.config import Config, MethodConfig, TeacherConfig, from_dict, validate
 from codemae.data.sources import Source
 from codemae.data.teacher_cache import TeacherFeatureCache
 from codemae.errors import ConfigError, DataError
 from codemae.methods import PretrainMethod, build_method
 from codemae.models.teacher import TEACHERS, Teacher
+from codemae.models.vit import VIT_SIZES
 
 log = logging.getLogger("codemae")
 
 TeacherFeatures = Callable[[Source], "TeacherFeatureCache | None"]
-# renames of the Fus-MAE layout before its encoder became a model of its own (codemae 0.1.0, step <= 11)
+# layout 1 Fus-MAE: its fusion block and CLS token sat beside the encoder
 FUSMAE_RENAMES = (("encoder_fusion.", "encoder.fusion."), ("cls_token", "encoder.cls_token"))
 
 
@@ -40,27 +41,54 @@ def load_method(checkpoint: str | Path, drop_path: float | None = None) -> Pretr
 
 def read_method_checkpoint(checkpoint: str | Path) -> dict:
     """A checkpoint's contents (``weights_only``), checked to hold a config and model weights,
-    its weights renamed to the current layout."""
+    brought to the current layout."""
     state = load_checkpoint(checkpoint)
     if "config" not in state or "model" not in state:
         raise DataError(f"checkpoint {checkpoint} is not a codemae checkpoint (no 'config' or 'model' entry)")
-    state["model"] = upgrade_weights(state["model"], str(checkpoint))
+    state["model"], state["config"] = upgrade(state["model"], state["config"], state.get("layout", 1), str(checkpoint))
     return state
 
 
-def upgrade_weights(weights: dict[str, Tensor], where: str) -> dict[str, Tensor]:
-    """Weights of an earlier layout renamed to the current one (a no-op for current checkpoints)."""
-    if not any(k.startswith(("encoder_fusion.", "cls_token")) for k in weights):
-        return weights
-    log.info("checkpoint %s: Fus-MAE weights of the earlier layout renamed (encoder_fusion -> encoder.fusion)", where)
-    renamed = {}
+def upgrade(weights: dict[str, Tensor], config: dict, layout: int, where: str) -> tuple[dict[str, Tensor], dict]:
+    """Weights and config of an earlier layout (see :data:`codemae.checkpoint.LAYOUT`) in the current one.
+
+    Layout 1 ViT checkpoints (joint MAE, CoDe-MAE, Fus-MAE) convert exactly: self-attention's separate
+    q and kv projections become one qkv, Fus-MAE's fusion block and CLS token move into its encoder,
+    the decoder embedding moves under its decoder's name, and the OKD tap keeps its block. Layout 1
+    HiViT checkpoints cannot: their pyramid and decoder embedding have no counterpart in the
+    published structure.
+    """
+    if layout >= LAYOUT:
+        return weights, config
+    model = config.get("model", {})
+    if not str(model.get("backbone", "hivit_tiny")).startswith("vit_"):
+        raise DataError(f"checkpoint {where} was written before codemae took the published HiViT/iTPN layout "
+                        f"(layout {layout}): its pyramid and decoder embedding have no exact counterpart now, so it "
+                        "cannot be converted; retrain it, or evaluate it with the codemae release that wrote it")
+    method = config.get("method", {})
+    out = {}
     for key, value in weights.items():
         for old, new in FUSMAE_RENAMES:
             if key.startswith(old):
                 key = new + key[len(old):]
-                break
-        renamed[key] = value
-    return renamed
+        out[key] = value
+    for key in [k for k in out if k.endswith((".attn.q.weight", ".attn.q.bias"))]:
+        owner, _, leaf = key.rpartition(".attn.q.")
+        if f"{owner}.norm_q.weight" in out:  # a cross-attention: keeps q and kv
+            continue
+        out[f"{owner}.attn.qkv.{leaf}"] = torch.cat([out.pop(key), out.pop(f"{owner}.attn.kv.{leaf}")])
+    if method.get("name", "mae") != "fusmae":
+        groups = ["shared"] if method.get("decoder", "shared") == "shared" else ["opt", "sar"]
+        for key in [k for k in out if k.startswith("decoder_embed.")]:
+            value = out.pop(key)
+            for group in groups:
+                out[f"decoder_embed.{group}.{key.removeprefix('decoder_embed.')}"] = value
+    config = {**config, "method": dict(method)}
+    if method.get("okd") and method.get("okd_aux_block") is None:
+        depth = model.get("depth") or VIT_SIZES[model["backbone"].removeprefix("vit_")]["depth"]
+        config["method"]["okd_aux_block"] = (3 * depth) // 4 - 1  # where layout 1 tapped
+    log.info("checkpoint %s: layout %d weights converted to layout %d", where, layout, LAYOUT)
+    return out, config
 
 
 def method_from_state(state: dict, where: str, drop_path: float | None = None) -> PretrainMethod:
@@ -121,9 +149,10 @@ def prepare_teacher(method: PretrainMethod, cfg: MethodConfig, device: torch.dev
     if cfg.teacher.cache:
         log.info("teacher targets read from the teacher cache %s", cfg.teacher.cache)
         return cached_teacher_features(cfg.teacher.cache)
-    teacher = build_teacher(cfg.teacher)  # validate() makes sure one is configured
+    teacher = build_teacher(cfg.teacher)
     if teacher is None:
-        return None  # built without validate(): the method's first step names what is missing
+        raise ConfigError("config key 'method.teacher.kind': method.okd is on but there is no teacher: set "
+                          "method.teacher.kind and path, or method.teacher.cache")
     method.attach_teacher(teacher.to(device))
     log.info("teacher: %s from %s (%d-d features, live)", cfg.teacher.kind, cfg.teacher.path, teacher.dim)
     return None

@@ -23,11 +23,12 @@ from tqdm import tqdm
 
 from codemae import __version__
 from codemae.batch import images_in, model_input
-from codemae.checkpoint import load_checkpoint, save_atomic
+from codemae.checkpoint import LAYOUT, load_checkpoint, save_atomic
 from codemae.config import Config, to_dict
 from codemae.data.pipeline import build_training_data, source_kinds
 from codemae.errors import ConfigError, TrainingError, one_line
 from codemae.loading import prepare_teacher
+from codemae.official import init_encoder
 from codemae.methods import PretrainMethod, build_method
 from codemae.train.distributed import (
     DistInfo,
@@ -132,7 +133,10 @@ class Trainer:
         if tc.precision == "bf16" and info.device.type == "cpu":
             log.warning("bf16 autocast on a CPU without bf16 hardware is very slow; use precision=fp32")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.method = build_method(cfg).to(info.device)
+        self.method = build_method(cfg)
+        if cfg.model.init:
+            init_encoder(self.method.encoder, cfg.model.init)
+        self.method.to(info.device)
         kinds = source_kinds(cfg.data)
         check_pairing(self.method, kinds)
         teacher_features = prepare_teacher(self.method, cfg.method, info.device)
@@ -169,6 +173,9 @@ class Trainer:
         if not path.is_file():
             return 0
         state = load_checkpoint(path)
+        if state.get("layout", 1) < LAYOUT:
+            raise TrainingError(f"checkpoint {path} has codemae's model layout {state.get('layout', 1)}, this "
+                                f"version trains layout {LAYOUT}: it cannot be resumed; start a new run_dir")
         try:
             self.method.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -186,6 +193,7 @@ class Trainer:
                 "step": self.step,
                 "config": to_dict(self.cfg),
                 "version": __version__,
+                "layout": LAYOUT,
             }, self.run_dir / CHECKPOINT)
 
     def fit(self) -> dict:
