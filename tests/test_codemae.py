@@ -14,7 +14,7 @@ from codemae.data.transforms import CropBox
 from codemae.errors import ConfigError
 from codemae.losses import symmetric_info_nce
 from codemae.methods import build_method
-from codemae.methods.cdr_targets import CDR_TARGETS, grayscale, hog_cells
+from codemae.methods.cdr_targets import CDR_TARGETS, as_rgb, gaussian_window, grayscale, hog_maps, mgf_maps
 from codemae.batch import make_batch
 from codemae.loading import build_teacher
 from codemae.models.teacher import Teacher
@@ -210,23 +210,53 @@ def test_contrastive_spaces_build_and_train(tmp_path, space):
 
 
 @pytest.mark.parametrize("target", list(CDR_TARGETS))
-def test_cdr_targets(tmp_path, target):
-    model = make(tmp_path, cdr_target=target, okd=False, ccl="none")
-    terms = run(model, batch())
+@pytest.mark.parametrize("direction", ["sar_to_opt", "both"])
+def test_cdr_targets(tmp_path, target, direction):
+    """Every target trains in both directions through one head of the target's width; the SAR side is
+    the same target of the SAR image (its channels averaged, repeated to three)."""
+    model = make(tmp_path, cdr_target=target, cdr_direction=direction, okd=False, ccl="none")
+    b = batch() | {"sar_mean": torch.full((4, 1), 0.3), "sar_std": torch.full((4, 1), 0.1)}
+    b["opt"], b["sar"] = b["opt"].clamp(-2, 2), b["sar"].clamp(-2, 2)  # [0, 1] images stay positive for MGF's logs
+    terms = run(model, b)
     assert torch.isfinite(terms["cdr"]) and terms["cdr"] > 0
-    opt = torch.randn(2, 3, 32, 32)
-    vectors = CDR_TARGETS[target].compute(opt, 16)
-    assert vectors.shape == (2, 4, CDR_TARGETS[target].length(16))
+    spec = CDR_TARGETS[target]
+    assert list(model.cdr_decoder.heads) == [str(spec.length(16))]
+    assert set(model.cdr_decoder.outputs) == ({"sar", "opt"} if direction == "both" else {"sar"})
+    vectors = spec.compute(torch.rand(2, 3, 32, 32), 16)
+    assert vectors.shape == (2, 4, spec.length(16))
+    sar = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(spec.compute(as_rgb(sar), 16), spec.compute(sar.expand(-1, 3, -1, -1), 16))
 
 
 def test_grayscale_and_hog_by_hand():
     rgb = torch.zeros(1, 3, 2, 2)
     rgb[0, 0] = 1.0
     assert torch.allclose(grayscale(rgb), torch.full((1, 1, 2, 2), 0.299))
-    ramp = torch.arange(16.0).repeat(16, 1)[None, None]  # brightness increases along x only
-    hist = hog_cells(ramp)
-    assert hist.shape == (1, 9, 2, 2)
-    assert (hist.argmax(1) == 0).all()  # horizontal gradient -> orientation bin 0
+    ramp = torch.arange(32.0).repeat(32, 1)[None, None] / 32  # brightness increases along x only
+    maps = hog_maps(ramp, 16)
+    assert maps.shape == (1, 9, 32, 32)
+    # Sobel gx = left - right < 0, gy = 0: atan2(gx, gy) = -pi/2 -> floor(-4.5) = -5 -> bin 4 (mod 9)
+    assert (maps[0, :, 8:24, 8:24].argmax(0) == 4).all()
+    assert maps[0, [b for b in range(9) if b != 4]].abs().max() == 0
+    # inner cells: magnitude 8/32 (Sobel's 1-2-1 weights on a slope of 1/32) times the window, summed per cell
+    window = gaussian_window(16, 8, ramp.device)
+    cells = hog_maps(ramp, 16)  # bilinear maps average neighbouring cells; the cell at [1, 1] of patch 0:
+    assert window.sum().item() == pytest.approx(1.0)
+    assert cells[0, 4].max().item() <= 8 / 32 * window[8:, 8:].sum().item() + 1e-6
+
+
+def test_mgf_by_hand():
+    """A vertical step from a to b: at the first b column the radius-9 left half holds 9 columns of a and
+    the centre column, the right half 10 columns of b, so gx = log((9(a+0.01) + (b+0.01)) / (10 (b+0.01)))."""
+    a, b = 0.2, 0.6
+    image = torch.full((1, 1, 48, 48), a)
+    image[..., 24:] = b
+    maps = mgf_maps(image)
+    assert maps.shape == (1, 3, 48, 48)
+    expected = abs(math.log((9 * (a + 0.01) + (b + 0.01)) / (10 * (b + 0.01))))
+    assert maps[0, 0, 24, 24].item() == pytest.approx(expected, rel=1e-5)
+    assert maps[0, 0, 24, 2].item() == pytest.approx(0.0, abs=1e-6)  # a flat neighbourhood: log 1 = 0
+    assert torch.isfinite(mgf_maps(torch.zeros(1, 1, 48, 48))).all()  # the offset keeps black images finite
 
 
 def test_okd_without_teacher_or_cache_is_a_config_error(tmp_path):

@@ -1,10 +1,21 @@
-"""Cross-modal degraded reconstruction (CDR) targets, computed from the normalised optical input.
+"""Cross-modal degraded reconstruction (CDR) targets (Table IId), as the published code computes them.
 
-Each target turns the optical image (B, 3, H, W) into per-patch vectors (B, N, K):
-``gray`` (the paper's choice: 0.299 R + 0.587 G + 0.114 B), ``rgb`` (the
-completeness-driven full target), ``spatial`` (16x16 average pool, upsampled),
-``hog`` (9-bin histograms of oriented gradients on 8x8 cells) and ``mgf``
-(multi-scale gradient magnitudes, kernels 9/13/17).
+A target turns a 3-channel image (B, 3, H, W) into a per-pixel map (B, K, H, W), cut into
+per-patch vectors (B, N, p*p*K) with the pixel order of :func:`~codemae.losses.patchify`:
+
+- ``gray`` (the paper's choice): 0.299 R + 0.587 G + 0.114 B of the normalised image.
+- ``rgb``: the normalised image itself.
+- ``spatial``: each patch's per-channel mean, spread over the patch (norm-pix, applied to every
+  target as published, leaves the patch's inter-channel contrast).
+- ``hog``: 9-bin histograms of oriented gradients of the [0, 1] luma: Sobel gradients (reflect
+  padding), magnitudes weighted by a Gaussian window centred in each patch, summed over cells of
+  half a patch, bilinearly spread back to pixels (MaskFeat's recipe, as published).
+- ``mgf``: multi-scale gradient features of the [0, 1] luma: the norm of the log-ratios of the
+  left/right and top/bottom half-window sums of windows of radius 9, 13 and 17 (+1e-2 against
+  log 0), one channel per radius (SARATR-X's recipe, as published).
+
+The SAR-side target (the ``both`` direction: optical tokens predict it) is the same target of the
+SAR image, its channels averaged and repeated to three (the published SAR is three equal channels).
 """
 
 from __future__ import annotations
@@ -20,80 +31,89 @@ from torch import Tensor
 from codemae.losses import patchify
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
-HOG_CELL, HOG_BINS = 8, 9
-MGF_KERNELS = (9, 13, 17)
+HOG_BINS = 9
+MGF_RADII = (9, 13, 17)
+MGF_OFFSET = 1e-2
 
 
-def grayscale(opt: Tensor) -> Tensor:
-    w = torch.tensor(GRAY_WEIGHTS, dtype=opt.dtype, device=opt.device).view(1, 3, 1, 1)
-    return (opt * w).sum(1, keepdim=True)
+def grayscale(rgb: Tensor) -> Tensor:
+    w = torch.tensor(GRAY_WEIGHTS, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    return (rgb * w).sum(1, keepdim=True)
 
 
-def spatially_degraded(opt: Tensor, patch: int) -> Tensor:
-    return F.interpolate(F.avg_pool2d(opt, patch), scale_factor=patch, mode="nearest")
+def as_rgb(image: Tensor) -> Tensor:
+    """Three channels: a 3-channel image as is, any other its channel mean repeated three times."""
+    return image if image.shape[1] == 3 else image.mean(1, keepdim=True).expand(-1, 3, -1, -1)
 
 
-def image_gradients(gray: Tensor) -> tuple[Tensor, Tensor]:
-    """Central differences [-1, 0, 1] with replicated borders."""
-    padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
-    gx = padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]
-    gy = padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]
-    return gx, gy
+def spatially_degraded(rgb: Tensor, patch: int) -> Tensor:
+    return F.interpolate(F.avg_pool2d(rgb, patch), scale_factor=patch, mode="nearest")
 
 
-def hog_cells(gray: Tensor, cell: int = HOG_CELL, bins: int = HOG_BINS) -> Tensor:
-    """Unsigned-orientation gradient histograms per ``cell x cell`` block, L2-normalised: (B, bins, H/cell, W/cell)."""
-    gx, gy = image_gradients(gray)
+def gaussian_window(size: int, std: float, device: torch.device) -> Tensor:
+    """A ``size x size`` Gaussian (centred, standard deviation ``std``) summing to 1."""
+    n = torch.arange(size, dtype=torch.float32, device=device)
+    w = torch.exp(-0.5 * ((n - n.mean()) / std) ** 2)
+    window = torch.outer(w, w)
+    return window / window.sum()
+
+
+def hog_maps(gray: Tensor, patch: int, bins: int = HOG_BINS) -> Tensor:
+    """Per-pixel oriented-gradient histograms (B, bins, H, W) of a [0, 1] luma image (B, 1, H, W)."""
+    sobel = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=gray.device)
+    padded = F.pad(gray.float(), (1, 1, 1, 1), mode="reflect")
+    gx = F.conv2d(padded, sobel.view(1, 1, 3, 3))
+    gy = F.conv2d(padded, sobel.T.contiguous().view(1, 1, 3, 3))
     magnitude = torch.sqrt(gx**2 + gy**2)
-    angle = torch.atan2(gy, gx) % math.pi
-    index = (angle / (math.pi / bins)).long().clamp(max=bins - 1)
-    votes = F.one_hot(index[:, 0], bins).permute(0, 3, 1, 2).to(gray.dtype) * magnitude
-    hist = F.avg_pool2d(votes, cell)
-    return hist / (hist.norm(dim=1, keepdim=True) + 1e-6)
+    # the published binning: atan2(gx, gy) in units of pi / bins, floored, modulo bins (unsigned orientation)
+    index = torch.floor(torch.atan2(gx, gy) / math.pi * bins).long() % bins
+    h, w = gray.shape[-2:]
+    window = gaussian_window(patch, patch // 2, gray.device).repeat(h // patch, w // patch)
+    votes = F.one_hot(index[:, 0], bins).permute(0, 3, 1, 2).float() * (magnitude * window)
+    cell = patch // 2
+    cells = F.avg_pool2d(votes, cell) * cell * cell  # sums over each cell
+    return F.interpolate(cells, size=(h, w), mode="bilinear", align_corners=False).to(gray.dtype)
 
 
-def multiscale_gradients(gray: Tensor, kernels: tuple[int, ...] = MGF_KERNELS) -> Tensor:
-    """Gradient magnitude at several scales: the difference of the mean of the two half
-    windows of a k x k neighbourhood, along x and along y. One channel per kernel size."""
+def mgf_maps(gray: Tensor, radii: tuple[int, ...] = MGF_RADII) -> Tensor:
+    """Multi-scale log-ratio gradient magnitudes (B, len(radii), H, W) of a [0, 1] luma image."""
     scales = []
-    for k in kernels:
-        half = k // 2
-        kernel = torch.zeros(k, k, dtype=gray.dtype, device=gray.device)
-        kernel[:, half + 1 :] = 1.0 / (k * half)
-        kernel[:, :half] = -1.0 / (k * half)
-        padded = F.pad(gray, (half,) * 4, mode="replicate")
-        gx = F.conv2d(padded, kernel.view(1, 1, k, k))
-        gy = F.conv2d(padded, kernel.T.contiguous().view(1, 1, k, k))
-        scales.append(torch.sqrt(gx**2 + gy**2 + 1e-12))
-    return torch.cat(scales, dim=1)
+    for r in radii:
+        k = 2 * r + 1
+        padded = F.pad(gray.float(), (r, r, r, r), mode="reflect") + MGF_OFFSET
+        halves = torch.zeros(4, 1, k, k, device=gray.device)
+        halves[0, :, :, : r + 1] = 1.0  # left half, centre column included
+        halves[1, :, :, r:] = 1.0  # right half
+        halves[2, :, : r + 1, :] = 1.0  # top half, centre row included
+        halves[3, :, r:, :] = 1.0  # bottom half
+        left, right, top, bottom = F.conv2d(padded, halves).unbind(1)
+        gx, gy = torch.log(left / right), torch.log(top / bottom)
+        scales.append(torch.sqrt(gx**2 + gy**2))
+    return torch.stack(scales, 1).to(gray.dtype)
 
 
 @dataclass(frozen=True)
 class CDRTarget:
-    """A target: the degraded image computed from the optical input, the patch size its
-    vectors are cut with (``cell`` input pixels per target pixel: HOG has one per 8x8 cell),
-    their length, whether the loss normalises each target patch (norm-pix; the spatial
-    target is constant within a patch, so norm-pix would erase it) and whether it is a
-    picture worth showing in the analysis report."""
+    """A target: its per-pixel map of a 3-channel image, the map's channels, whether it reads the
+    [0, 1] image (``unit``; else the normalised one) and whether it is a picture for the report."""
 
     image: Callable[[Tensor, int], Tensor]
     channels: int
-    cell: int = 1
-    norm_pix: bool = True
+    unit: bool = False
     pictured: bool = False
 
-    def compute(self, opt: Tensor, patch: int) -> Tensor:
+    def compute(self, rgb: Tensor, patch: int) -> Tensor:
         """Per-patch target vectors (B, N, length(patch))."""
-        return patchify(self.image(opt, patch), patch // self.cell)
+        return patchify(self.image(rgb, patch), patch)
 
     def length(self, patch: int) -> int:
-        return (patch // self.cell) ** 2 * self.channels
+        return patch * patch * self.channels
 
 
 CDR_TARGETS: dict[str, CDRTarget] = {
-    "gray": CDRTarget(lambda opt, p: grayscale(opt), 1, pictured=True),
-    "rgb": CDRTarget(lambda opt, p: opt, 3, pictured=True),
-    "spatial": CDRTarget(spatially_degraded, 3, norm_pix=False, pictured=True),
-    "hog": CDRTarget(lambda opt, p: hog_cells(grayscale(opt)), HOG_BINS, cell=HOG_CELL),
-    "mgf": CDRTarget(lambda opt, p: multiscale_gradients(grayscale(opt)), len(MGF_KERNELS)),
+    "gray": CDRTarget(lambda rgb, p: grayscale(rgb), 1, pictured=True),
+    "rgb": CDRTarget(lambda rgb, p: rgb, 3, pictured=True),
+    "spatial": CDRTarget(spatially_degraded, 3, pictured=True),
+    "hog": CDRTarget(lambda rgb, p: hog_maps(grayscale(rgb), p), HOG_BINS, unit=True),
+    "mgf": CDRTarget(lambda rgb, p: mgf_maps(grayscale(rgb)), len(MGF_RADII), unit=True),
 }

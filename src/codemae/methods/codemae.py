@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from codemae.batch import Batch
 from codemae.config import MethodConfig
 from codemae.errors import ConfigError
-from codemae.losses import masked_mean, patch_errors, patchify, symmetric_info_nce
+from codemae.losses import masked_mean, patch_errors, symmetric_info_nce
 from codemae.methods.ccl_heads import CCL_HEADS
-from codemae.methods.cdr_targets import CDR_TARGETS
+from codemae.methods.cdr_targets import CDR_TARGETS, as_rgb
 from codemae.methods.mae import JointMAE, Visible
 from codemae.models.attention import Block, layer_norm
 from codemae.models.backbone import Encoder, gather_tokens
@@ -55,8 +55,8 @@ class CoDeMAE(JointMAE):
             self.cdr_target = CDR_TARGETS[cfg.cdr_target]
             p = encoder.patch_size
             outputs = {"sar": self.cdr_target.length(p)}
-            if cfg.cdr_direction == "both":
-                outputs["opt"] = p * p
+            if cfg.cdr_direction == "both":  # the same target of the SAR image, through the same head
+                outputs["opt"] = self.cdr_target.length(p)
             self.cdr_decoder = self.masked_decoder(outputs, cfg.cdr_depth)
 
     @property
@@ -79,7 +79,7 @@ class CoDeMAE(JointMAE):
         if self.cfg.ccl != "none" and both:
             terms["ccl"] = w.ccl * paired * self.contrastive(visible)
         if self.cfg.cdr and both:
-            terms["cdr"] = w.cdr * paired * self.degraded_reconstruction(images, visible)
+            terms["cdr"] = w.cdr * paired * self.degraded_reconstruction(batch, visible)
         return terms
 
     def distillation(self, batch: Batch, opt: Visible) -> Tensor:
@@ -90,8 +90,7 @@ class CoDeMAE(JointMAE):
             if not self._teacher:
                 raise ConfigError("method.okd is on but there is no teacher: set method.teacher.kind and path, "
                                   "or method.teacher.cache")
-            unit = batch["opt"] * batch["opt_std"][:, :, None, None] + batch["opt_mean"][:, :, None, None]
-            target = to_student_grid(self._teacher[0](unit), grid)
+            target = to_student_grid(self._teacher[0](unit_image(batch, "opt")), grid)
         target = gather_tokens(F.layer_norm(target.float(), target.shape[-1:]), opt.mask.ids_keep)
         main = F.smooth_l1_loss(self.okd_main(opt.tokens), target, beta=1.0)
         aux = F.smooth_l1_loss(self.okd_aux(opt.hidden[self.aux_block]), target, beta=1.0)
@@ -107,18 +106,18 @@ class CoDeMAE(JointMAE):
         a, b = self.ccl_heads(opt, sar)
         return symmetric_info_nce(a, b, self.cfg.ccl_temperature, self.cfg.ccl_gradient)
 
-    def degraded_reconstruction(self, images: dict[str, Tensor], visible: dict[str, Visible]) -> Tensor:
-        """MSE on masked patches of the degraded optical target predicted from SAR tokens
-        (plus, ``both``, the SAR channel mean predicted from optical tokens)."""
+    def degraded_reconstruction(self, batch: Batch, visible: dict[str, Visible]) -> Tensor:
+        """Norm-pix MSE on masked patches of the optical image's degraded target predicted from the SAR
+        tokens (plus, ``both``, the SAR image's from the optical tokens), pooled over both directions."""
         p = self.encoder.patch_size
         inputs = {m: (visible[m].tokens, visible[m].mask.ids_restore) for m in self.cdr_decoder.outputs}
         preds = self.cdr_decoder(inputs)
-        errors = [patch_errors(preds["sar"], self.cdr_target.compute(images["opt"], p), self.cdr_target.norm_pix)]
-        masks = [visible["sar"].mask.mask]
-        if "opt" in preds:
-            sar_mean = patchify(images["sar"].mean(1, keepdim=True), p)
-            errors.append(patch_errors(preds["opt"], sar_mean, self.cfg.norm_pix_loss))
-            masks.append(visible["opt"].mask.mask)
+        source = {"sar": "opt", "opt": "sar"}  # the tokens of one modality predict the other's target
+        errors, masks = [], []
+        for m, pred in preds.items():
+            image = unit_image(batch, source[m]) if self.cdr_target.unit else batch[source[m]]
+            errors.append(patch_errors(pred, self.cdr_target.compute(as_rgb(image), p), self.cfg.norm_pix_loss))
+            masks.append(visible[m].mask.mask)
         return masked_mean(errors, masks)
 
     def cross_reconstructions(self, images: dict[str, Tensor], visible: dict[str, Visible]) -> dict[str, Tensor]:
@@ -127,4 +126,11 @@ class CoDeMAE(JointMAE):
             return {}
         pred = self.cdr_decoder({"sar": (visible["sar"].tokens, visible["sar"].mask.ids_restore)})["sar"]
         target = self.cdr_target.image(images["opt"], self.encoder.patch_size)
-        return {"cdr_recon": self.paste(pred, target, visible["sar"].mask.mask, self.cdr_target.norm_pix)}
+        return {"cdr_recon": self.paste(pred, target, visible["sar"].mask.mask, self.cfg.norm_pix_loss)}
+
+
+def unit_image(batch: Batch, modality: str) -> Tensor:
+    """A modality's images back in [0, 1], undoing the normalisation the batch records."""
+    if f"{modality}_mean" not in batch:
+        raise ValueError(f"this target needs the [0, 1] images: the batch carries no {modality}_mean / {modality}_std")
+    return batch[modality] * batch[f"{modality}_std"][:, :, None, None] + batch[f"{modality}_mean"][:, :, None, None]
