@@ -24,7 +24,7 @@ ALLOWED = {
     "loading": {"ground", "data", "models", "methods"},
     "official": {"ground", "models", "methods", "loading"},
     "train": {"ground", "data", "models", "methods", "loading", "official"},
-    "eval": {"ground", "data", "models", "methods", "loading", "train"},
+    "eval": {"ground", "data", "models", "methods", "loading", "train", "export"},
     "analysis": {"ground", "data", "models", "methods", "loading", "eval"},
     "export": {"ground", "methods", "loading"},
     "bench": {"ground", "data", "methods", "train", "config"},

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import codemae
 from codemae.batch import make_batch
 from codemae.cli import main
 from codemae.config import Config, from_dict, to_dict
@@ -21,8 +22,8 @@ from codemae.errors import ConfigError, DataError
 from codemae.loading import load_method
 from codemae.methods import build_method
 from codemae.models.build import build_backbone
-from codemae.official import (convert_checkpoint, from_published, infer_config, init_encoder, read_published,
-                              to_published)
+from codemae.official import (classifier_names, convert_checkpoint, from_published, infer_config, init_encoder,
+                              load_classifier, read_published, to_published)
 
 from conftest import tiny_config
 
@@ -126,8 +127,8 @@ def split(x, P, name):
     return y.reshape(b, n, h, w, 2, 2, -1).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, n, 2 * h, 2 * w, -1)
 
 
-def reference_forward(P, image, side, ids_keep, heads, depths):
-    """Published encoder + pyramid + decoder embedding on one modality, masked by ``ids_keep``."""
+def reference_encoder(P, image, side, ids_keep, heads, depths, resample=True):
+    """Published HiViT on one modality, masked by ``ids_keep``: final tokens and the two stage features."""
     y = F.conv2d(image, P[f"patch_embed_{side}.proj.weight"], P[f"patch_embed_{side}.proj.bias"], stride=4)
     b, c, hh, ww = y.shape
     y = y.view(b, c, hh // 4, 4, ww // 4, 4).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, 4, 4, c)
@@ -142,13 +143,21 @@ def reference_forward(P, image, side, ids_keep, heads, depths):
         else:
             x = mlp_block(x, P, f"blocks.{i}")
     x = x[..., 0, 0, :]
-    table = P["absolute_pos_embed"]
+    pe = table = P["absolute_pos_embed"]
     grid = math.isqrt(table.shape[1])
-    pe = F.interpolate(table.reshape(1, grid, grid, -1).permute(0, 3, 1, 2), scale_factor=((grid + 0.1) / grid,) * 2,
-                       mode="bicubic").permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
+    if resample:  # the published masked forward
+        pe = F.interpolate(table.reshape(1, grid, grid, -1).permute(0, 3, 1, 2), scale_factor=((grid + 0.1) / grid,) * 2,
+                           mode="bicubic").permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
     x = x + torch.gather(pe.expand(b, -1, -1), 1, ids_keep[:, :, None].expand(-1, -1, x.shape[-1]))
     for i in range(d1 + d2 + 2, d1 + d2 + 2 + depth):
         x = attention_block(x, P, f"blocks.{i}", heads)
+    return x, features
+
+
+def reference_forward(P, image, side, ids_keep, heads, depths):
+    """Published encoder + pyramid + decoder embedding on one modality, masked by ``ids_keep``."""
+    x, features = reference_encoder(P, image, side, ids_keep, heads, depths)
+    b = x.shape[0]
     top = x[:, :, None, None, :]
     o16 = linear(top, P, "align_dim_16tofpn")
     x8 = mlp_block(split(top, P, "split_16to8") + linear(features[1], P, "align_dim_16to8"), P, "block_16to8.0")
@@ -314,3 +323,54 @@ def test_checkpoints_of_the_earlier_hivit_layout_are_refused_with_the_reason(tmp
     torch.save({"model": method.state_dict(), "config": to_dict(tiny_config(tmp_path))}, path)  # no "layout"
     with pytest.raises(DataError, match="published HiViT/iTPN layout .* cannot be converted"):
         load_method(path)
+
+
+def test_convert_a_published_classifier_and_score_it(tmp_path):
+    """``--from codemae-official-classifier``: a SAR fine-tuned model (patch_embed_sar only, no pyramid,
+    fc_norm, BatchNorm without affine, head) converts; its logits equal the published forward written
+    here; ``codemae classify`` scores it on class folders."""
+    cfg = tiny_config(tmp_path, model={"img_size": 32, "sar_channels": 3, "pyramid": False, "pos_interp": "published"})
+    from codemae.official import PublishedClassifier
+
+    torch.manual_seed(3)
+    source = PublishedClassifier(cfg, ("sar",), 4, batch_norm=True).eval()
+    with torch.no_grad():
+        source.batch_norm.running_mean.normal_()
+        source.batch_norm.running_var.uniform_(0.5, 2.0)
+    names = classifier_names(source)
+    P = {names[k]: v for k, v in source.state_dict().items() if not k.startswith("encoder.patch_embed.opt.")}
+    assert "head.0.running_var" in P and "head.1.weight" in P and "patch_embed_rgb.proj.weight" not in P
+    path = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": P, "args": argparse.Namespace(nb_classes=4)}, path)
+    out = tmp_path / "classifier"
+    assert main(["convert", "--from", "codemae-official-classifier", "--checkpoint", str(path), "--out", str(out),
+                 "model.num_heads=2"]) == 0
+    model = load_classifier(out)
+    x = torch.randn(3, 3, 32, 32)
+    tokens, _ = reference_encoder(P, x, "sar", torch.arange(4).expand(3, -1), 2, (1, 1, 2), resample=False)
+    pooled = F.layer_norm(tokens.mean(1), (32,), P["fc_norm.weight"], P["fc_norm.bias"], 1e-6)
+    pooled = (pooled - P["head.0.running_mean"]) / torch.sqrt(P["head.0.running_var"] + 1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(model({"sar": x}), F.linear(pooled, P["head.1.weight"], P["head.1.bias"]),
+                                   rtol=1e-4, atol=1e-5)
+    from PIL import Image
+    for c in range(4):
+        (tmp_path / "data" / str(c)).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray((torch.rand(40, 40) * 255).byte().numpy()).save(tmp_path / "data" / str(c) / f"{i}.png")
+    report = tmp_path / "classify.json"
+    assert main(["classify", "--classifier", str(out), "--data", str(tmp_path / "data"), "--modality", "sar",
+                 "--out", str(report)]) == 0
+    assert '"samples": 8' in report.read_text()
+
+
+def test_imagenet_weights_as_an_evaluable_encoder(tmp_path):
+    """``--from itpn-imagenet`` writes an export folder that every evaluation command takes as --checkpoint."""
+    source = tiny_published_method(tmp_path)
+    path = imagenet_file(tmp_path, source)
+    out = tmp_path / "imagenet_encoder"
+    assert main(["convert", "--from", "itpn-imagenet", "--checkpoint", str(path), "--out", str(out),
+                 "model.num_heads=2", "model.sar_channels=1"]) == 0
+    assert main(["retrieval", "--checkpoint", str(out), "--pairs", "synthetic", "--synthetic-n", "20"]) == 0
+    encoder = codemae.load_encoder(str(out)).encoder
+    assert torch.equal(encoder.state_dict()["blocks.1.attn.qkv.weight"], source.encoder.state_dict()["blocks.1.attn.qkv.weight"])

@@ -227,10 +227,38 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from codemae.official import convert_checkpoint
+    from codemae import official
+    from codemae.config import to_dict
+    from codemae.export import write_export
 
-    out = convert_checkpoint(args.checkpoint, args.out, args.overrides)
-    print(f"wrote {out}: a codemae checkpoint of the published model; evaluate it with --checkpoint {out}")
+    if args.source == "codemae-official":
+        out = official.convert_checkpoint(args.checkpoint, args.out, args.overrides)
+        print(f"wrote {out}: a codemae checkpoint of the published model; evaluate it with --checkpoint {out}")
+    elif args.source == "codemae-official-classifier":
+        out = official.convert_classifier(args.checkpoint, args.out, args.overrides)
+        print(f"wrote {out}: the published classifier; score it with codemae classify --classifier {out}")
+    else:
+        method, cfg = official.imagenet_method(args.checkpoint, args.overrides)
+        out = write_export(method, to_dict(cfg), args.out, {"checkpoint": args.checkpoint, "step": None})
+        print(f"wrote {out}: the ImageNet-1K iTPN encoder; evaluate it with --checkpoint {out}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from codemae.data.transforms import Normalisation
+    from codemae.eval.classify import classify
+    from codemae.eval.data import class_folders
+    from codemae.eval.report import write_json
+    from codemae.official import load_classifier
+
+    model = load_classifier(args.classifier)
+    if len(model.modalities) != 1 or args.modality not in model.modalities:
+        raise ConfigError(f"--modality {args.modality}: the classifier takes {', '.join(model.modalities)}")
+    data = class_folders(args.data, args.modality, model.encoder.channels)
+    norm = Normalisation(args.mean, args.std) if args.mean else None
+    result = classify(model, data, args.modality, model.encoder.img_size, norm, args.centre_crop)
+    print(f"{args.classifier} on {args.data}: overall accuracy {result['accuracy']:.2f}% ({result['samples']} images)")
+    write_json(args.out, {"command": sys.argv[1:], **result})
     return 0
 
 
@@ -301,11 +329,27 @@ def build_parser() -> argparse.ArgumentParser:
                                    "to codemae's name (an unplaceable one is an error) and writes a checkpoint that "
                                    "loads strictly. The ImageNet-1K iTPN weights are not converted: pretraining "
                                    "starts from them with model.init=itpn-imagenet:<file>.")
-    p.add_argument("--from", dest="source", choices=["codemae-official"], required=True, help="the file's origin")
+    p.add_argument("--from", dest="source", required=True,
+                   choices=["codemae-official", "codemae-official-classifier", "itpn-imagenet"],
+                   help="codemae-official: a pretraining checkpoint -> a codemae checkpoint (.pt); "
+                        "codemae-official-classifier: a fine-tuned classifier -> a folder for codemae classify; "
+                        "itpn-imagenet: the ImageNet-1K iTPN weights -> an encoder export folder")
     p.add_argument("--checkpoint", required=True, help="e.g. INP_dec8share_dino_pixC_CA_800E/checkpoint-800.pth")
-    p.add_argument("--out", required=True, help="the codemae checkpoint to write (.pt)")
+    p.add_argument("--out", required=True, help="what to write (see --from)")
     p.add_argument("overrides", nargs="*", help="settle what tensors cannot tell, e.g. method.cdr_target=mgf")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("classify", help="score a converted published classifier on class folders",
+                       description="Overall and per-class accuracy of a classifier written by codemae convert "
+                                   "--from codemae-official-classifier, on <data>/<class>/<image>.")
+    p.add_argument("--classifier", required=True, help="the folder codemae convert wrote")
+    p.add_argument("--data", required=True, help="<class>/<image> folders")
+    p.add_argument("--modality", choices=["opt", "sar"], required=True)
+    p.add_argument("--mean", type=float, nargs="+", help="the fine-tuning normalisation (default: the data's own)")
+    p.add_argument("--std", type=float, nargs="+")
+    p.add_argument("--centre-crop", type=int, help="centre-crop to this many pixels before resizing")
+    p.add_argument("--out", help="also write the result as JSON here")
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("teacher-cache", help="run the OKD teacher once over the data and store its features",
                        description="Writes the teacher's patch features of every optical image of the "

@@ -145,6 +145,7 @@ class ModelConfig:
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     pyramid_dim: Optional[int] = None
+    pyramid: bool = True  # HiViT's iTPN pyramid; off for the published classifiers, whose one level is the tokens
     # "published": resample the position table as the published models do in masked forwards (see
     # Backbone.pos_for); on for runs in the published layout (codemae_base.yaml, converted checkpoints)
     pos_interp: Literal["exact", "published"] = "exact"

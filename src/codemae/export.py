@@ -39,18 +39,24 @@ def export_encoder(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the checkpoint's encoder to ``out``; return the folder."""
     state = read_method_checkpoint(checkpoint)
     method = method_from_state(state, str(checkpoint))
+    return write_export(method, state["config"], out, {"step": state.get("step"), "checkpoint": str(checkpoint)})
+
+
+def write_export(method: PretrainMethod, config: dict, out: str | Path, origin: dict) -> Path:
+    """``method``'s encoder weights and its (plain-data) ``config`` as an export folder; ``origin`` says
+    where the weights come from."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{WEIGHTS}.tmp-{os.getpid()}"
     save_file(encoder_state(method), str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, out / WEIGHTS)
-    meta = {"format": FORMAT, "version": 1, "layout": LAYOUT, "step": state.get("step"),
-            "checkpoint": str(checkpoint), "config": state["config"]}
+    meta = {"format": FORMAT, "version": 1, "layout": LAYOUT, **origin, "config": config}
     (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
-def load_encoder(directory: str | Path, device: str | torch.device = "cpu") -> PretrainMethod:
+def load_encoder(directory: str | Path, device: str | torch.device = "cpu",
+                 drop_path: float | None = None) -> PretrainMethod:
     """The exported encoder, ready for ``encode({"opt": x, "sar": y})`` (eval mode).
 
     The returned object is the method of the export's config; only its encoder
@@ -68,7 +74,7 @@ def load_encoder(directory: str | Path, device: str | torch.device = "cpu") -> P
     except (OSError, SafetensorError) as err:
         raise DataError(f"{directory / WEIGHTS}: not a safetensors file ({err}); refusing to load it") from err
     weights, config = upgrade(weights, meta["config"], meta.get("layout", 1), str(directory))
-    method = method_from_config(config)
+    method = method_from_config(config, drop_path)
     expected = set(encoder_state(method))
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:

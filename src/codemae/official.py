@@ -21,12 +21,15 @@ allowed, never by unrestricted unpickling.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from codemae import __version__
@@ -36,6 +39,7 @@ from codemae.errors import ConfigError, DataError
 from codemae.loading import load_method
 from codemae.methods import PretrainMethod, build_method
 from codemae.models.backbone import Encoder
+from codemae.models.build import build_backbone
 from codemae.models.hivit import HIVIT_SIZES, HiViT
 from codemae.models.pos_embed import sincos_2d
 
@@ -167,11 +171,10 @@ def read_published(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             vars(args) if isinstance(args, argparse.Namespace) else {})
 
 
-def infer_config(weights: dict[str, Tensor], where: str) -> dict:
-    """The codemae config (plain data) of a published pretraining state dict, read off its shapes."""
-    if "absolute_pos_embed" not in weights or "patch_embed_rgb.proj.weight" not in weights:
-        raise DataError(f"{where}: not a published CoDe-MAE / iTPN pretraining state dict "
-                        "(no absolute_pos_embed or patch_embed_rgb)")
+def infer_model(weights: dict[str, Tensor], where: str, patch_key: str = "patch_embed_rgb") -> dict:
+    """The codemae ``model`` config (plain data) of a published HiViT state dict, read off its shapes."""
+    if "absolute_pos_embed" not in weights or f"{patch_key}.proj.weight" not in weights:
+        raise DataError(f"{where}: not a published CoDe-MAE / iTPN state dict (no absolute_pos_embed or {patch_key})")
     tokens, dim = weights["absolute_pos_embed"].shape[1:]
     attention = sum(1 for k in weights if re.fullmatch(r"blocks\.\d+\.attn\.qkv\.weight", k))
     merges = sorted(int(k.split(".")[1]) for k in weights if re.fullmatch(r"blocks\.\d+\.reduction\.weight", k))
@@ -182,14 +185,34 @@ def infer_config(weights: dict[str, Tensor], where: str) -> dict:
     if not family:
         raise DataError(f"{where}: MLP stages of {stages} blocks match no codemae HiViT preset")
     size = next((n for n in family if (HIVIT_SIZES[n]["embed_dim"], HIVIT_SIZES[n]["depth"]) == (dim, attention)), None)
-    sub = weights["patch_embed_rgb.proj.weight"].shape[-1]
-    model = {"backbone": f"hivit_{size or family[0]}", "img_size": math.isqrt(tokens) * sub * 4, "patch_size": sub * 4,
-             "opt_channels": weights["patch_embed_rgb.proj.weight"].shape[1],
-             "sar_channels": weights["patch_embed_sar.proj.weight"].shape[1], "pos_interp": "published"}
+    conv = weights[f"{patch_key}.proj.weight"]
+    sar = weights.get("patch_embed_sar.proj.weight", conv)
+    model = {"backbone": f"hivit_{size or family[0]}", "img_size": math.isqrt(tokens) * conv.shape[-1] * 4,
+             "patch_size": conv.shape[-1] * 4, "opt_channels": conv.shape[1], "sar_channels": sar.shape[1],
+             "pos_interp": "published", "pyramid": "align_dim_16tofpn.weight" in weights}
     if size is None:  # widths and depths of no preset: the head count cannot be read off the tensors
         model |= {"embed_dim": dim, "depth": attention, "num_heads": None}
-    if "align_dim_16tofpn.weight" in weights:
+    if model["pyramid"]:
         model["pyramid_dim"] = weights["align_dim_16tofpn.weight"].shape[0]
+    return model
+
+
+def with_overrides(raw: dict, overrides: list[str], where: str) -> Config:
+    """``raw`` with ``key=value`` overrides applied, validated; a head count that the tensors could not
+    tell and no override gave is an error saying which key to set."""
+    for item in overrides:
+        apply_override(raw, item)
+    if raw["model"].get("num_heads", 0) is None:
+        raise ConfigError(f"{where}: a HiViT of width {raw['model']['embed_dim']} with {raw['model']['depth']} "
+                          "attention blocks is no preset; give its head count as model.num_heads=N")
+    cfg = from_dict(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def infer_config(weights: dict[str, Tensor], where: str) -> dict:
+    """The codemae config (plain data) of a published pretraining state dict, read off its shapes."""
+    model = infer_model(weights, where)
     depth = lambda name: len({k.split(".")[1] for k in weights if k.startswith(f"{name}.")})  # noqa: E731
     method = {"name": "codemae", "decoder": "shared", "decoder_dim": weights["mask_token"].shape[-1],
               "decoder_depth": depth("decoder_blocks"), "decoder_heads": 16}
@@ -223,13 +246,7 @@ def convert_checkpoint(path: str | Path, out: str | Path, overrides: list[str] =
         if "decoder_num_heads" in args:
             raw["method"]["decoder_heads"] = int(args["decoder_num_heads"])
     raw["run_dir"] = str(Path(out).parent)
-    for item in overrides:
-        apply_override(raw, item)
-    if "num_heads" in raw["model"] and raw["model"]["num_heads"] is None:
-        raise ConfigError(f"{path}: a HiViT of width {raw['model']['embed_dim']} with {raw['model']['depth']} "
-                          "attention blocks is no preset; give its head count as model.num_heads=N")
-    cfg = from_dict(Config, raw)
-    validate(cfg)
+    cfg = with_overrides(raw, list(overrides), str(path))
     method = build_method(cfg)
     method.load_state_dict(from_published(weights, method, str(path)), strict=True)
     save_atomic({"model": method.state_dict(), "config": to_dict(cfg), "step": args.get("epochs"),
@@ -294,3 +311,97 @@ def fit_channels(weight: Tensor, encoder: HiViT, modality: str, key: str) -> Ten
     if channels == 1:
         return weight.sum(1, keepdim=True)
     raise DataError(f"{key}: an RGB patch embedding cannot initialise a {channels}-channel {modality} input")
+
+
+def imagenet_method(path: str | Path, overrides: list[str] = ()) -> tuple[PretrainMethod, Config]:
+    """A joint-MAE method whose HiViT encoder holds the ImageNet-1K iTPN weights of ``path`` (its config
+    read off the file; ``model.sar_channels=1`` and the like as overrides); decoders freshly built."""
+    weights, _ = read_published(path)
+    raw = {"model": infer_model(weights, str(path), "patch_embed"), "method": {"name": "mae"}}
+    cfg = with_overrides(raw, list(overrides), str(path))
+    method = build_method(cfg)
+    init_from_itpn_imagenet(method.encoder, path)
+    return method.eval(), cfg
+
+
+CLASSIFIER_WEIGHTS, CLASSIFIER_CONFIG = "classifier.safetensors", "classifier.json"
+
+
+class PublishedClassifier(torch.nn.Module):
+    """The authors' fine-tuned classifier: HiViT without pyramid, mean of the final tokens, ``fc_norm``
+    (LayerNorm), for the SAR target sets a BatchNorm without affine parameters, then the linear head."""
+
+    def __init__(self, cfg: Config, modalities: tuple[str, ...], num_classes: int, batch_norm: bool) -> None:
+        super().__init__()
+        encoder = build_backbone(cfg.model, only=modalities[0] if len(modalities) == 1 else None)
+        self.encoder = encoder
+        self.modalities = modalities
+        self.fc_norm = torch.nn.LayerNorm(encoder.embed_dim, eps=1e-6)
+        self.batch_norm = torch.nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6) if batch_norm else None
+        self.head = torch.nn.Linear(encoder.embed_dim, num_classes)
+
+    def forward(self, images: dict[str, Tensor]) -> Tensor:
+        """Logits (B, classes) of one modality's images, ``{"sar": x}`` or ``{"opt": x}``."""
+        (modality, image), = images.items()
+        x = self.fc_norm(self.encoder({modality: image})[modality].tokens.mean(1))
+        return self.head(self.batch_norm(x) if self.batch_norm is not None else x)
+
+
+def classifier_names(model: PublishedClassifier) -> dict[str, str]:
+    """codemae name -> published name for every tensor of a :class:`PublishedClassifier`."""
+    pairs = encoder_prefixes(model.encoder)
+    pairs += [("fc_norm.", "fc_norm.")]
+    pairs += [("batch_norm.", "head.0."), ("head.", "head.1.")] if model.batch_norm is not None else [("head.", "head.")]
+    return {key: rename(key, pairs) for key in model.state_dict()}
+
+
+def convert_classifier(path: str | Path, out: str | Path, overrides: list[str] = ()) -> Path:
+    """Write the authors' fine-tuned classifier ``path`` as ``out/classifier.safetensors`` (codemae names)
+    and ``out/classifier.json``; :func:`load_classifier` reads them back."""
+    weights, _ = read_published(path)
+    modalities = tuple(m for m, side in PATCH_SIDES.items() if f"{side}.proj.weight" in weights)
+    if not modalities or "fc_norm.weight" not in weights:
+        raise DataError(f"{path}: not a published fine-tuned classifier (no patch embedding or fc_norm)")
+    patch_key = PATCH_SIDES[modalities[0]]
+    model = infer_model(weights, str(path), patch_key) | {"pyramid": False}
+    for m in ("opt", "sar"):
+        if m not in modalities:
+            model[f"{m}_channels"] = weights[f"{patch_key}.proj.weight"].shape[1]
+    cfg = with_overrides({"model": model}, list(overrides), str(path))
+    batch_norm = "head.0.running_mean" in weights
+    head = weights["head.1.weight" if batch_norm else "head.weight"]
+    meta = {"format": "codemae-published-classifier", "layout": LAYOUT, "converted_from": str(path),
+            "modalities": list(modalities), "num_classes": head.shape[0], "batch_norm": batch_norm,
+            "model": to_dict(cfg)["model"]}
+    classifier = classifier_from_meta(meta)
+    ours = {theirs: key for key, theirs in classifier_names(classifier).items()}
+    unplaced = [k for k in weights if k not in ours]
+    if unplaced:
+        raise DataError(f"{path}: published tensor {unplaced[0]} has no place in the classifier")
+    try:
+        classifier.load_state_dict({ours[k]: v for k, v in weights.items()}, strict=True)
+    except RuntimeError as err:
+        raise DataError(f"{path}: does not fit the inferred classifier: {str(err).splitlines()[-1].strip()}") from err
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(out / CLASSIFIER_WEIGHTS))
+    (out / CLASSIFIER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def classifier_from_meta(meta: dict) -> PublishedClassifier:
+    cfg = from_dict(Config, {"model": meta["model"]})
+    return PublishedClassifier(cfg, tuple(meta["modalities"]), meta["num_classes"], meta["batch_norm"])
+
+
+def load_classifier(directory: str | Path) -> PublishedClassifier:
+    """A classifier written by :func:`convert_classifier`, in eval mode."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / CLASSIFIER_CONFIG).read_text())
+        weights = load_file(str(directory / CLASSIFIER_WEIGHTS))
+    except (OSError, ValueError, SafetensorError) as err:
+        raise DataError(f"{directory}: not a converted classifier ({err})") from err
+    classifier = classifier_from_meta(meta)
+    classifier.load_state_dict(weights, strict=True)
+    return classifier.eval()

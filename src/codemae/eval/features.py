@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -12,6 +14,7 @@ from codemae.data.stats import compute_stats
 from codemae.data.transforms import Normalisation
 from codemae.errors import ConfigError
 from codemae.eval.data import EvalImages, LabelledSet
+from codemae.export import load_encoder
 from codemae.loading import load_method
 from codemae.methods import PretrainMethod, build_method
 
@@ -20,10 +23,12 @@ MODALITY_SETS = {"opt": ("opt",), "sar": ("sar",), "both": ("opt", "sar")}
 
 def method_to_evaluate(checkpoint: str | None, random_config: str | None = None, seed: int = 0,
                  drop_path: float | None = None) -> PretrainMethod:
-    """A trained method from ``checkpoint``, or (``random_config``) the configured one freshly
-    initialised: the floor every result is compared with."""
+    """A trained method from ``checkpoint`` (a checkpoint file or an export folder), or (``random_config``)
+    the configured one freshly initialised: the floor every result is compared with."""
     if (checkpoint is None) == (random_config is None):
         raise ConfigError("give exactly one of --checkpoint and --random CONFIG")
+    if checkpoint is not None and Path(checkpoint).is_dir():  # an export folder (codemae export / convert)
+        return load_encoder(checkpoint, drop_path=drop_path)
     if checkpoint is not None:
         return load_method(checkpoint, drop_path)
     cfg = load_config(random_config, [f"model.drop_path={drop_path}"] if drop_path is not None else [])

@@ -37,7 +37,7 @@ def build_backbone(cfg: ModelConfig, only: str | None = None, family_cls: type[B
         if getattr(cfg, key) is not None:
             arch[key] = getattr(cfg, key)
     if family == "hivit":
-        arch["pyramid_dim"] = cfg.pyramid_dim
+        arch |= {"pyramid_dim": cfg.pyramid_dim, "pyramid": cfg.pyramid}
     channels = cfg.channels if only is None else {only: cfg.channels[only]}
     try:
         return (family_cls or cls)(img_size=cfg.img_size, patch_size=cfg.patch_size, channels=channels,

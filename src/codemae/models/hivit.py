@@ -113,6 +113,7 @@ class HiViT(Backbone):
         pyramid_dim: int | None = None,
         drop_path: float = 0.0,
         pos_interp: str = "exact",
+        pyramid: bool = True,
     ) -> None:
         super().__init__(img_size, patch_size, channels, embed_dim, pos_interp)
         if patch_size % INNER:
@@ -125,8 +126,8 @@ class HiViT(Backbone):
         self.num_heads = num_heads
         self.mlp_depths = tuple(mlp_depths)
         pyramid_dim = pyramid_dim or embed_dim // 2
-        self.level_dims = [pyramid_dim, 4 * pyramid_dim, 16 * pyramid_dim]
-        self.level_grids = [1, 2, 4]
+        self.level_dims = [pyramid_dim, 4 * pyramid_dim, 16 * pyramid_dim] if pyramid else [embed_dim]
+        self.level_grids = [1, 2, 4] if pyramid else [1]
         sub = patch_size // INNER
         self.patch_embed = nn.ModuleDict({m: PatchEmbed(c, c0, sub) for m, c in channels.items()})
         rates = stochastic_depth(drop_path, sum(mlp_depths) + depth)
@@ -136,7 +137,8 @@ class HiViT(Backbone):
         self.stage2 = nn.ModuleList(Block(2 * c0, 0, 3.0, p) for p in rates[d1 : d1 + d2])
         self.merge2 = PatchMerge(2 * c0)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, 4.0, p) for p in rates[d1 + d2 :])
-        self.pyramid = ITPNPyramid(embed_dim, (c0, 2 * c0), pyramid_dim)
+        # without the pyramid (the published classifiers) the one level is the final tokens
+        self.pyramid = ITPNPyramid(embed_dim, (c0, 2 * c0), pyramid_dim) if pyramid else None
         self.apply(init_trunc_normal)
 
     def embed(self, image: Tensor, modality: str) -> Tensor:
@@ -153,4 +155,4 @@ class HiViT(Backbone):
         s8 = x
         x = self.merge2(x)[:, :, 0, 0, :] + self.pos_for(tokens.shape[1], ids_keep, tokens.shape[0])
         x, hidden = self.run_blocks(x, return_blocks)
-        return EncoderOutput(x, self.pyramid(s4, s8, x), hidden)
+        return EncoderOutput(x, self.pyramid(s4, s8, x) if self.pyramid else [x], hidden)
