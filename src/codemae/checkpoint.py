@@ -50,7 +50,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError ...
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"checkpoint {path} cannot be loaded as weights only: {reason}") from err
+    if not isinstance(state, dict):
+        raise DataError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint's mapping")
+    return state
+
+
+def check_entries(state: dict[str, Any], path: str | Path, *keys: str) -> None:
+    """``state`` has each of ``keys`` with a value of its kind: ``model`` a mapping of names to tensors,
+    ``config`` and ``optimizer`` mappings, ``step`` a non-negative integer."""
+    kinds = {"model": dict, "config": dict, "optimizer": dict, "step": int}
+    for key in keys:
+        value = state.get(key)
+        ok = isinstance(value, kinds[key]) and not isinstance(value, bool)
+        if key == "model":
+            ok = ok and all(isinstance(k, str) and torch.is_tensor(v) for k, v in value.items())
+        if key == "step":
+            ok = ok and value >= 0
+        if not ok:
+            raise DataError(f"checkpoint {path}: entry '{key}' is missing or not a {kinds[key].__name__} "
+                            "of the expected kind; not a codemae checkpoint")

@@ -323,12 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("convert", help="turn the CoDe-MAE authors' pretraining checkpoint into a codemae checkpoint",
-                       description="Reads a published checkpoint (its 'model' entry; argparse settings allowed, "
-                                   "nothing else unpickled), infers the config from its tensors, maps every tensor "
-                                   "to codemae's name (an unplaceable one is an error) and writes a checkpoint that "
-                                   "loads strictly. The ImageNet-1K iTPN weights are not converted: pretraining "
-                                   "starts from them with model.init=itpn-imagenet:<file>.")
+    p = sub.add_parser("convert", help="turn published weights (CoDe-MAE authors', ImageNet iTPN) into codemae's",
+                       description="Reads a published file (its 'model' entry; argparse settings allowed, nothing "
+                                   "else unpickled), infers the config from its tensors, maps every tensor to "
+                                   "codemae's name (an unplaceable or missing one is an error) and writes what loads "
+                                   "strictly. Pretraining can also start from the ImageNet-1K iTPN file directly: "
+                                   "model.init=itpn-imagenet:<file>.")
     p.add_argument("--from", dest="source", required=True,
                    choices=["codemae-official", "codemae-official-classifier", "itpn-imagenet"],
                    help="codemae-official: a pretraining checkpoint -> a codemae checkpoint (.pt); "
@@ -481,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     except CodemaeError as err:
         print(f"codemae: error: {one_line(err)}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:
+        print("codemae: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ strings in them.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -258,6 +260,9 @@ class TrainConfig:
     ckpt_every: int = 500
     log_every: int = 10
     progress: bool = True
+    # check: resuming refuses a config that differs from the run's in anything but RESUME_SAFE keys;
+    # force: resume anyway
+    resume: Literal["check", "force"] = "check"
 
 
 @dataclass
@@ -281,19 +286,50 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config larger than 1 MiB is not a config
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: ``*ref`` is refused (an alias bomb expands a few bytes into
+    gigabytes, and configs have no need of aliases)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 (PyYAML's signature)
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("YAML aliases (*name) are not allowed in configs")
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text as data; errors name ``where`` and the line, never quote the text."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RecursionError as err:
+        raise ConfigError(f"{where}: nested too deeply to be a config") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{at}: {reason}") from err
+
+
 def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML config as a dict; a top-level ``base: <path>`` (relative to the file) is
-    read first and this file's keys are merged over it, section by section."""
+    read first and this file's keys are merged over it, section by section. A file that is
+    not shaped like a config is refused without quoting it (it may be any file on the machine)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes: not a config")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read as text") from err
+    raw = parse_yaml(text, f"config file {path}") or {}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and IDENTIFIER.fullmatch(k) for k in raw):
+        raise ConfigError(f"config file {path} is not a codemae config (its top level is not a mapping of keys)")
     base = raw.pop("base", None)
     if base is None:
         return raw
@@ -308,9 +344,15 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """A value for an error message, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _require(ok: bool, key: str, message: str, value: Any) -> None:
     if not ok:
-        raise ConfigError(f"config key '{key}': {message}, got {value!r}")
+        raise ConfigError(f"config key '{key}': {message}, got {shown(value)}")
 
 
 def validate(cfg: Config) -> None:
@@ -327,6 +369,7 @@ def validate(cfg: Config) -> None:
     }
     for key, value in positive.items():
         _require(value > 0, key, "must be positive", value)
+    validate_bounds(cfg)
     for key, ratio in (("mask_ratio", cfg.method.mask_ratio), ("sar_mask_ratio", cfg.method.sar_mask_ratio)):
         _require(ratio is None or 0.0 <= ratio < 1.0, f"method.{key}", "must be in [0, 1)", ratio)
     _require(cfg.method.sar_mask_ratio is None or cfg.method.masking == "independent", "method.sar_mask_ratio",
@@ -349,6 +392,50 @@ def validate(cfg: Config) -> None:
     _require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "train.betas", "must be two values in [0, 1)", betas)
     for i, source in enumerate(cfg.data.sources):
         validate_source(source, f"data.sources.{i}")
+
+
+# upper bounds: a config (a user's, or one stored in a checkpoint or export) beyond them is refused
+# before anything is allocated; each is far beyond any real setting
+BOUNDS = {
+    "model.img_size": 8192, "model.patch_size": 512, "model.opt_channels": 256, "model.sar_channels": 256,
+    "model.embed_dim": 16384, "model.depth": 512, "model.num_heads": 1024, "model.pyramid_dim": 16384,
+    "method.decoder_dim": 16384, "method.decoder_depth": 512, "method.decoder_heads": 1024,
+    "method.cdr_depth": 512, "method.okd_aux_depth": 64, "method.teacher.dim": 16384,
+    "data.batch_size": 65536, "data.num_workers": 256, "data.stats_samples": 10_000_000,
+    "data.shuffle_buffer": 1_000_000, "train.epochs": 1_000_000, "train.accum_steps": 65536,
+}
+MAX_PARAMETERS = 20e9  # a model estimated larger than this is refused before it is built
+
+
+def setting(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate_bounds(cfg: Config) -> None:
+    """Upper bounds, sane signs and finite numbers; a rough parameter count against ``MAX_PARAMETERS``."""
+    for key, limit in BOUNDS.items():
+        value, low = setting(cfg, key), 0 if key in ("data.num_workers", "method.okd_aux_depth") else 1
+        _require(value is None or low <= value <= limit, key, f"must be in [{low}, {limit}]", value)
+    t = cfg.train
+    finite = {"train.base_lr": t.base_lr, "train.min_lr": t.min_lr, "train.weight_decay": t.weight_decay,
+              "train.warmup_epochs": t.warmup_epochs}
+    for key, value in finite.items():
+        _require(math.isfinite(value) and value >= 0, key, "must be a finite number >= 0", value)
+    _require(t.clip_grad is None or (math.isfinite(t.clip_grad) and t.clip_grad > 0), "train.clip_grad",
+             "must be a positive number (or unset)", t.clip_grad)
+    _require(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2^63)", cfg.seed)
+    m = cfg.model
+    width = m.embed_dim or 1024
+    estimate = 12 * width**2 * (m.depth or 48) + cfg.method.decoder_depth * 12 * cfg.method.decoder_dim**2
+    _require(estimate <= MAX_PARAMETERS, "model.embed_dim",
+             f"with these widths and depths the model has about {estimate / 1e9:.0f}G parameters, over the "
+             f"{MAX_PARAMETERS / 1e9:.0f}G limit", width)
+    for i, source in enumerate(cfg.data.sources):
+        _require(math.isfinite(source.weight) and source.weight <= 1000, f"data.sources.{i}.weight",
+                 "must be a finite number <= 1000", source.weight)
 
 
 def validate_source(source: SourceConfig, where: str) -> None:
@@ -387,8 +474,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"override '{item}' is not of the form key=value")
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = parse_yaml(text, f"override '{key}'")
+    except ConfigError:
         value = text
     parts = key.split(".")
     node: Any = raw
@@ -420,13 +507,13 @@ def _list_item(items: list, part: str, where: str) -> Any:
 def from_dict(cls: type, raw: Any, where: str = "") -> Any:
     """Build dataclass ``cls`` from ``raw``, checking every key and value type."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"config key '{where or '<root>'}': expected a mapping, got {raw!r}")
+        raise ConfigError(f"config key '{where or '<root>'}': expected a mapping, got {shown(raw)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
             full = f"{where}.{key}" if where else str(key)
-            raise ConfigError(f"unknown config key '{full}'")
+            raise ConfigError(f"unknown config key '{shown(full)[1:-1]}'")
     kwargs = {key: _convert(hints[key], value, f"{where}.{key}" if where else key) for key, value in raw.items()}
     return cls(**kwargs)
 
@@ -444,20 +531,20 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"config key '{where}': {value!r} is not one of {', '.join(map(str, allowed))}")
+            raise ConfigError(f"config key '{where}': {shown(value)} is not one of {', '.join(map(str, allowed))}")
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"config key '{where}': expected a list, got {value!r}")
+            raise ConfigError(f"config key '{where}': expected a list, got {shown(value)}")
         return [_convert(item_tp, v, f"{where}.{i}") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{where}': expected true or false, got {value!r}")
+            raise ConfigError(f"config key '{where}': expected true or false, got {shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{where}': expected an integer, got {value!r}")
+            raise ConfigError(f"config key '{where}': expected an integer, got {shown(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -466,11 +553,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{where}': expected a number, got {value!r}")
+            raise ConfigError(f"config key '{where}': expected a number, got {shown(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"config key '{where}': expected a string, got {value!r}")
+            raise ConfigError(f"config key '{where}': expected a string, got {shown(value)}")
         return str(value)
     raise TypeError(f"unsupported config type {tp} at {where}")
 

@@ -21,6 +21,12 @@ class TrainingError(CodemaeError):
     """Training cannot continue (non-finite loss, unwritable run folder)."""
 
 
+class Interrupted(CodemaeError):
+    """The user stopped the run (Ctrl-C, SIGINT)."""
+
+    exit_code = 130
+
+
 def one_line(err: BaseException) -> str:
     """The user-facing message of ``err`` as one line.
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from codemae.checkpoint import LAYOUT, load_checkpoint
+from codemae.checkpoint import LAYOUT, check_entries, load_checkpoint
 from codemae.config import Config, MethodConfig, TeacherConfig, from_dict, validate
 from codemae.data.sources import Source
 from codemae.data.teacher_cache import TeacherFeatureCache
@@ -43,8 +43,7 @@ def read_method_checkpoint(checkpoint: str | Path) -> dict:
     """A checkpoint's contents (``weights_only``), checked to hold a config and model weights,
     brought to the current layout."""
     state = load_checkpoint(checkpoint)
-    if "config" not in state or "model" not in state:
-        raise DataError(f"checkpoint {checkpoint} is not a codemae checkpoint (no 'config' or 'model' entry)")
+    check_entries(state, checkpoint, "model", "config")
     state["model"], state["config"] = upgrade(state["model"], state["config"], state.get("layout", 1), str(checkpoint))
     return state
 

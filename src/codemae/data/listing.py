@@ -4,12 +4,13 @@ before any pixel is read (so ``codemae data check`` reports every problem at onc
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from codemae.config import SourceConfig
+from codemae.config import SourceConfig, shown
 from codemae.data.readers import IMAGE_SUFFIXES
-from codemae.errors import DataError
+from codemae.errors import ConfigError, DataError
 
 REFERENCE_FOLDERS = {"opt": "RGB", "sar": "SAR"}  # <root>/<dataset>/{RGB,SAR}/<name>.png
 
@@ -18,8 +19,20 @@ def source_modalities(cfg: SourceConfig) -> tuple[str, ...]:
     return ("opt", "sar") if cfg.kind in ("paired", "synthetic") else (cfg.kind,)
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def safe_name(name: object, what: str) -> str:
+    """``name`` if it can name a file in a folder (letters, digits, ``._-``; no separators, no ``..``)."""
+    if not (isinstance(name, str) and SAFE_NAME.fullmatch(name) and ".." not in name):
+        raise ConfigError(f"{what} {shown(name)}: use letters, digits, '.', '_' and '-' only (it names files)")
+    return name
+
+
 def source_name(cfg: SourceConfig) -> str:
-    return cfg.name or cfg.dataset or Path(cfg.root).name or "synthetic"
+    """The source's name (given, its dataset's, or its folder's): it names its statistics cache, shard folder
+    and teacher cache, so it must be a plain file name."""
+    return safe_name(cfg.name or cfg.dataset or Path(cfg.root).name or "synthetic", "source name")
 
 
 def source_root(cfg: SourceConfig, data_root: str = "") -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from codemae.batch import Geometry, collate
-from codemae.config import DataConfig
+from codemae.config import DataConfig, SourceConfig, to_dict
 from codemae.data.sampling import HomogeneousBatchSampler, Part, Pools
 from codemae.data.shards import ShardStream, shard_sources
 from codemae.data.skipping import MAX_CONSECUTIVE_SKIPS, retry_readable
@@ -92,6 +94,15 @@ def build_sources(data: DataConfig, channels: dict[str, int]) -> list[Source]:
     return sources
 
 
+def source_fingerprint(source: Source, cfg: SourceConfig) -> str:
+    """A short hash of a source's settings and sample list: its statistics cache is reused only for the
+    same data (a resumed run whose source changed under the same name computes them again)."""
+    digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode())
+    for stem in source.stems:
+        digest.update(stem.encode() + b"\n")
+    return digest.hexdigest()[:12]
+
+
 def build_dataset(data: DataConfig, geometry: Geometry, run_dir: Path, write_stats: bool = True,
                   teacher_features: TeacherFeatures | None = None) -> PretrainDataset:
     """Sources with their per-source normalisation, the shared augmentation settings, and
@@ -99,8 +110,8 @@ def build_dataset(data: DataConfig, geometry: Geometry, run_dir: Path, write_sta
     sources = build_sources(data, geometry.channels)
     transforms = []
     for source_cfg, source in zip(data.sources, sources):
-        norms = source_stats(source, source_cfg, run_dir / "stats" / f"{source.name}.json",
-                             data.stats_samples, write_stats, data.on_error == "skip")
+        cache = run_dir / "stats" / f"{source.name}-{source_fingerprint(source, source_cfg)}.json"
+        norms = source_stats(source, source_cfg, cache, data.stats_samples, write_stats, data.on_error == "skip")
         transforms.append(PairedCrop(geometry.img_size, data.crop_scale, data.crop_ratio, data.hflip, norms))
     caches = [teacher_features(s) for s in sources] if teacher_features else None
     return PretrainDataset(sources, transforms, caches, geometry.grid, data.on_error)

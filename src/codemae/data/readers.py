@@ -26,7 +26,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 MAX_BANDS = 64  # a leading axis no longer than this, before a longer one, is a band axis
 CONVERTED_TO_RGB = ("P", "PA", "RGBA", "CMYK", "YCbCr")  # Pillow modes read as RGB (LA: as L)
-MAX_PIXELS = 1 << 28  # height x width x bands above this is refused as a decompression bomb
+MAX_PIXELS = 1 << 27  # height x width x bands above this is refused as a decompression bomb
+MAX_DECODED_BYTES = 1 << 30  # and so is a TIFF whose decoded array would exceed 1 GiB
 BAND_NAMES = {  # default names by band count: Sentinel-2 L1C / L2A, Sentinel-1 dual-pol
     13: ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"],
     12: ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12"],
@@ -122,7 +123,12 @@ def _read_tiff(f: BinaryIO, label: str) -> np.ndarray:
     f.seek(0)
     try:
         with tifffile.TiffFile(f) as tif:
-            _check_size(int(np.prod(tif.series[0].shape)), label)
+            series = tif.series[0]
+            _check_size(int(np.prod(series.shape)), label)
+            decoded = int(np.prod(series.shape)) * np.dtype(series.dtype).itemsize
+            if decoded > MAX_DECODED_BYTES:
+                raise DataError(f"{label}: decodes to {decoded} bytes, over the {MAX_DECODED_BYTES}-byte limit "
+                                "(a decompression bomb, or a scene to tile before training)")
             return tif.asarray()
     except DataError:
         raise

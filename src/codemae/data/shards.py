@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,8 +35,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from codemae.batch import Geometry, collate
-from codemae.config import DataConfig, SourceConfig, from_dict
-from codemae.data.listing import source_root
+from codemae.config import DataConfig, SourceConfig, from_dict, shown
+from codemae.data.listing import safe_name, source_root
 from codemae.data.sampling import Part
 from codemae.data.skipping import retry_readable
 from codemae.data.sources import load_source_image
@@ -101,40 +102,106 @@ def open_url(url: str):
         raise DataError(f"{url}: cannot open ({err})") from err
 
 
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_MEMBER_BYTES = 1 << 30  # one image file inside a shard; a member declaring more is refused unread
+MAX_SHARD_SAMPLES = 10_000_000
+SAFE_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def checked_shard(entry: dict, source: str, url: str) -> Shard:
+    """A manifest's shard entry, refused unless its path stays inside the shard set (relative, plain
+    characters: no ``..``, no shell syntax, so it can never escape the folder or a ``pipe:`` command)
+    and its counts and checksum are well-formed."""
+    shard = Shard(**entry)
+    if not (isinstance(shard.path, str) and SAFE_PATH.fullmatch(shard.path) and ".." not in shard.path.split("/")):
+        raise DataError(f"{url}: source '{source}': shard path {shown(shard.path)} is not a plain relative path "
+                        "inside the shard set")
+    if not (isinstance(shard.samples, int) and 0 < shard.samples <= MAX_SHARD_SAMPLES):
+        raise DataError(f"{url}: shard {shard.path}: sample count {shown(shard.samples)} is not in "
+                        f"[1, {MAX_SHARD_SAMPLES}]")
+    if not (isinstance(shard.bytes, int) and shard.bytes > 0 and isinstance(shard.sha256, str)
+            and SHA256.fullmatch(shard.sha256)):
+        raise DataError(f"{url}: shard {shard.path}: size or SHA-256 malformed")
+    return shard
+
+
 def read_manifest(root: str) -> list[ShardedSource]:
     url = join(root, MANIFEST)
     try:
         with open_url(url) as f:
-            data = json.loads(f.read())
-        if data.get("format") != FORMAT:
+            text = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise DataError(f"{url}: larger than {MAX_MANIFEST_BYTES} bytes, not a shard manifest")
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise DataError(f"{url}: not a codemae shard manifest")
-        return [ShardedSource(e["name"], e["kind"], tuple(e["modalities"]), e["samples"],
-                              from_dict(SourceConfig, e["source"], "source"),
-                              {m: Normalisation(**s) for m, s in e["stats"].items()},
-                              [Shard(**s) for s in e["shards"]]) for e in data["sources"]]
+        sources = []
+        for e in data["sources"]:
+            name = safe_name(e["name"], f"{url}: source name")
+            shards = [checked_shard(s, name, url) for s in e["shards"]]
+            if sum(s.samples for s in shards) != e["samples"]:
+                raise DataError(f"{url}: source '{name}': its shards hold {sum(s.samples for s in shards)} samples, "
+                                f"the manifest says {shown(e['samples'])}")
+            sources.append(ShardedSource(name, e["kind"], tuple(e["modalities"]), e["samples"],
+                                         from_dict(SourceConfig, e["source"], "source"),
+                                         {m: Normalisation(**s) for m, s in e["stats"].items()}, shards))
+        return sources
+    except RecursionError as err:
+        raise DataError(f"{url}: nested too deeply to be a shard manifest") from err
     except (KeyError, TypeError, ValueError) as err:
-        raise DataError(f"{url}: malformed shard manifest ({err})") from err
+        raise DataError(f"{url}: malformed shard manifest ({shown(str(err))})") from err
 
 
-def iter_records(url: str) -> Iterator[dict[str, bytes]]:
-    """The records of one shard in order: {"__key__", "<ext>": bytes, ...}; a broken tar names the shard."""
-    with open_url(url) as stream:
+class HashingReader:
+    """A binary stream that feeds every byte read through SHA-256."""
+
+    def __init__(self, stream) -> None:  # noqa: ANN001 (any binary stream)
+        self.stream, self.digest = stream, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        while self.read(1 << 20):  # the tar's end padding, and anything after it
+            pass
+        return self.digest.hexdigest()
+
+
+def iter_records(url: str, sha256: str | None = None) -> Iterator[dict[str, bytes]]:
+    """The records of one shard in order: {"__key__", "<ext>": bytes, ...}; a broken tar names the shard.
+
+    A member declaring more than ``MAX_MEMBER_BYTES`` is refused before it is read. With ``sha256``
+    the shard's bytes are checked as they stream: a shard replaced by another (even of the same
+    size) is an error when its end is reached, before the next shard is read.
+    """
+    with open_url(url) as raw:
+        stream = HashingReader(raw)
         record: dict[str, bytes] = {}
         try:
             with tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for member in tar:
                     if not member.isreg():
                         continue
+                    if member.size > MAX_MEMBER_BYTES:
+                        raise DataError(f"shard {url}: member {shown(member.name)} declares {member.size} bytes, "
+                                        f"over the {MAX_MEMBER_BYTES}-byte limit")
                     key, _, ext = Path(member.name).name.partition(".")
                     if record and key != record["__key__"]:
                         yield record
                         record = {}
                     record["__key__"] = key
                     record[ext] = tar.extractfile(member).read()
+            digest = stream.hexdigest() if sha256 else None
         except (tarfile.TarError, OSError, EOFError) as err:
             raise DataError(f"shard {url}: corrupt tar ({err}) after record '{record.get('__key__')}'") from err
         if record:
             yield record
+        if sha256 and digest != sha256:
+            raise DataError(f"shard {url}: SHA-256 differs from the manifest's (replaced or corrupted); "
+                            "re-shard or restore it")
 
 
 def decode_record(record: dict[str, bytes], source: ShardedSource, channels: dict[str, int], url: str
@@ -281,7 +348,7 @@ class ShardStream(IterableDataset):
             url = join(self.roots[k], shard.path)
             seen = 0
             try:
-                for record in iter_records(url):
+                for record in iter_records(url, shard.sha256):
                     seen += 1
                     yield k, url, record
             except DataError as err:

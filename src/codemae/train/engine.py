@@ -9,7 +9,9 @@ exactly the steps an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import logging
 import math
 import time
@@ -23,10 +25,10 @@ from tqdm import tqdm
 
 from codemae import __version__
 from codemae.batch import images_in, model_input
-from codemae.checkpoint import LAYOUT, load_checkpoint, save_atomic
+from codemae.checkpoint import LAYOUT, check_entries, load_checkpoint, save_atomic
 from codemae.config import Config, to_dict
 from codemae.data.pipeline import build_training_data, source_kinds
-from codemae.errors import ConfigError, TrainingError, one_line
+from codemae.errors import ConfigError, Interrupted, TrainingError, one_line
 from codemae.loading import prepare_teacher
 from codemae.official import init_encoder
 from codemae.methods import PretrainMethod, build_method
@@ -49,11 +51,16 @@ def pretrain(cfg: Config) -> dict:
     """Run (or resume) the pretraining described by ``cfg``; returns the run summary."""
     info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     run_dir = Path(cfg.run_dir)
+    lock = None
     try:
         if info.is_main:
             prepare_run_dir(run_dir)
+            lock = lock_run_dir(run_dir)
+        check_resume(cfg, run_dir)
         setup_logging(run_dir, info)
         return Trainer(cfg, info, run_dir).fit()
+    except OSError as err:  # a file of the run folder that cannot be written (metrics, logs, statistics)
+        raise TrainingError(f"cannot write {err.filename or run_dir}: {err.strerror or err}") from err
     except RuntimeError as err:
         if not (info.enabled and peer_failure(err)):
             raise
@@ -64,6 +71,56 @@ def pretrain(cfg: Config) -> dict:
     finally:
         shutdown()
         close_logging()
+        if lock is not None:
+            lock.close()  # releases the lock
+
+
+LOCK = ".lock"
+# keys a resumed run may change: how long it runs, how often it logs and saves, how it loads data
+RESUME_SAFE = ("run_dir", "train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every",
+               "train.progress", "train.dist_timeout_s", "train.resume", "data.num_workers")
+
+
+def lock_run_dir(run_dir: Path):  # noqa: ANN201 (an open file whose lock lasts as long as it is open)
+    """An exclusive lock on the run folder for this process's lifetime; a second process exits 2 naming
+    the holder's pid."""
+    handle = open(run_dir / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise TrainingError(f"run folder {run_dir} is in use by another run (pid {holder}); wait for it or "
+                            "choose another run_dir") from err
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out |= flatten(value, f"{name}.") if isinstance(value, dict) else {name: value}
+    return out
+
+
+def check_resume(cfg: Config, run_dir: Path) -> None:
+    """Resuming a run with another config is refused (naming the keys that differ) unless the change is
+    one of ``RESUME_SAFE`` or ``train.resume=force``."""
+    stored_path = run_dir / "config.yaml"
+    if cfg.train.resume == "force" or not (run_dir / CHECKPOINT).is_file() or not stored_path.is_file():
+        return
+    stored, new = flatten(yaml.safe_load(stored_path.read_text()) or {}), flatten(to_dict(cfg))
+    differ = sorted(k for k in stored.keys() | new.keys()
+                    if stored.get(k) != new.get(k) and not k.startswith(RESUME_SAFE))
+    if differ:
+        raise ConfigError(f"run folder {run_dir} holds a run of another config ({', '.join(differ[:6])}"
+                          f"{' ...' if len(differ) > 6 else ''} differ); use a new run_dir, or set "
+                          "train.resume=force to continue it anyway")
 
 
 PEER_FAILURE_MARKS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout")
@@ -122,6 +179,20 @@ def nonfinite(terms: dict[str, float], grad_norm: float) -> str:
     return "" if math.isfinite(grad_norm) else f"non-finite gradient norm ({grad_norm})"
 
 
+def writer_alive(temp: Path) -> bool:
+    """Whether the process that named a temp file ``.<name>.tmp-<pid>`` still runs."""
+    pid = temp.name.rpartition("-")[2]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def step_seed(seed: int, micro_step: int, rank: int) -> int:
     return ((seed * 1_000_003 + micro_step) * 1_009 + rank) % (2**63 - 1)
 
@@ -153,6 +224,7 @@ class Trainer:
         self.warmup_steps = tc.warmup_epochs * self.steps_per_epoch
         self.optimizer = pretraining_optimizer(self.method, self.peak_lr, tc.weight_decay, tc.betas)
         self.step = self.resume()
+        self.saved_step = self.step
         self.skipped_steps = 0
         self.skipped_samples = 0
         self.model = self.method
@@ -168,11 +240,14 @@ class Trainer:
         path = self.run_dir / CHECKPOINT
         if self.info.is_main:
             for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a write a crash interrupted
+                if writer_alive(stale):
+                    continue
                 log.info("removing %s, left by a checkpoint write that did not finish", stale)
                 stale.unlink(missing_ok=True)
         if not path.is_file():
             return 0
         state = load_checkpoint(path)
+        check_entries(state, path, "model", "optimizer", "step", "config")
         if state.get("layout", 1) < LAYOUT:
             raise TrainingError(f"checkpoint {path} has codemae's model layout {state.get('layout', 1)}, this "
                                 f"version trains layout {LAYOUT}: it cannot be resumed; start a new run_dir")
@@ -186,6 +261,7 @@ class Trainer:
         return int(state["step"])
 
     def checkpoint(self) -> None:
+        self.saved_step = self.step
         if self.info.is_main:
             save_atomic({
                 "model": self.method.state_dict(),
@@ -205,6 +281,19 @@ class Trainer:
         bar = tqdm(total=self.stop_at, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (tc.progress and self.info.is_main))
         self.method.train()
+        try:
+            self.run_steps(bar)
+        except KeyboardInterrupt:
+            bar.close()
+            saved = f"the last checkpoint {self.run_dir / CHECKPOINT} (step {self.saved_step}) is intact; re-run " \
+                    "the same command to resume" if self.saved_step else "no checkpoint was written yet"
+            raise Interrupted(f"interrupted at step {self.step}; {saved}") from None
+        bar.close()
+        return self.finish(time.perf_counter() - start, self.step - start_step)
+
+    def run_steps(self, bar: tqdm) -> None:
+        """Train from ``self.step`` to ``stop_at``, logging and checkpointing on the way."""
+        tc = self.cfg.train
         while self.step < self.stop_at:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
             self.sampler.set_epoch(epoch, start=in_epoch * tc.accum_steps)
@@ -222,8 +311,6 @@ class Trainer:
                                 self.skipped_samples)
                 if self.step % tc.ckpt_every == 0 or in_epoch == self.steps_per_epoch or self.step == self.stop_at:
                     self.checkpoint()
-        bar.close()
-        return self.finish(time.perf_counter() - start, self.step - start_step)
 
     def train_step(self, batches, epoch: int) -> dict[str, float]:
         tc, device = self.cfg.train, self.info.device
