@@ -49,7 +49,9 @@ def test_unit_range_scaling():
 
 def test_channel_matching():
     gray = np.ones((2, 2, 1))
-    assert match_channels(gray, 3, "g", "k").shape == (2, 2, 3)
+    assert match_channels(gray, 3, "g", "model.sar_channels").shape == (2, 2, 3)  # grayscale SAR as 3 channels
+    with pytest.raises(DataError, match="g: has 1 channels but config key 'model.opt_channels' expects 3"):
+        match_channels(gray, 3, "g", "model.opt_channels")  # a grayscale image among optical ones
     assert match_channels(np.ones((2, 2, 3)), 1, "g", "k").shape == (2, 2, 1)  # identical bands
     with pytest.raises(DataError, match="model.sar_channels"):
         match_channels(np.random.rand(2, 2, 2), 1, "f.png", "model.sar_channels")

@@ -474,9 +474,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FOLDER_OUTPUTS = ("analyze", "compare", "export", "shard")
+
+
+def check_output(path: str, folder: bool) -> None:
+    """Refuse, before any work, an output that cannot be written: a file where a folder is wanted (or the
+    reverse), or a place whose nearest existing folder is not writable."""
+    target = Path(path)
+    if target.exists() and target.is_dir() != folder:
+        raise ConfigError(f"--out {path}: exists and is a {'file' if folder else 'folder'}; "
+                          f"a {'folder' if folder else 'file'} is written there")
+    existing = target if folder and target.is_dir() else target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise ConfigError(f"--out {path}: {existing} is not a writable folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "out", None):
+            folder = args.command in FOLDER_OUTPUTS or getattr(args, "source", "") in (
+                "codemae-official-classifier", "itpn-imagenet")
+            check_output(args.out, folder)
         return args.func(args)
     except CodemaeError as err:
         print(f"codemae: error: {one_line(err)}", file=sys.stderr)

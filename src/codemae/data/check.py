@@ -155,7 +155,8 @@ def check_channels(cfg: SourceConfig, modality: str, expected: int, report: Sour
         except DataError as err:
             report.problems.append(f"{err} ({report.channels[modality][bands]} files)")
             continue
-        if have not in (expected, 1) and not (expected == 1 and have == 3):  # 3 identical bands collapse
+        replicated = have == 1 and modality == "sar"  # one SAR band is replicated; a grayscale optical image is not
+        if have != expected and not replicated and not (expected == 1 and have == 3):  # 3 identical bands collapse
             report.problems.append(f"{report.channels[modality][bands]} {modality} files have {have} channels but "
                                    f"config key 'model.{modality}_channels' is {expected}")
     dtypes = report.dtypes.get(modality, Counter())

@@ -17,7 +17,7 @@ from typing import BinaryIO, Union
 
 import numpy as np
 import tifffile
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from codemae.config import ScalingConfig
 from codemae.errors import DataError
@@ -27,6 +27,7 @@ TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 MAX_BANDS = 64  # a leading axis no longer than this, before a longer one, is a band axis
 CONVERTED_TO_RGB = ("P", "PA", "RGBA", "CMYK", "YCbCr")  # Pillow modes read as RGB (LA: as L)
 MAX_PIXELS = 1 << 27  # height x width x bands above this is refused as a decompression bomb
+EXIF_ORIENTATION = 0x0112
 MAX_DECODED_BYTES = 1 << 30  # and so is a TIFF whose decoded array would exceed 1 GiB
 BAND_NAMES = {  # default names by band count: Sentinel-2 L1C / L2A, Sentinel-1 dual-pol
     13: ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"],
@@ -50,8 +51,9 @@ class Header:
 def read_image(path: ImageFile, name: str | None = None) -> np.ndarray:
     """Read a file (path, or its bytes with ``name`` for messages) as an (H, W, C) array in its stored dtype."""
     with _opened(path, name) as (f, label):
-        array = _read_tiff(f, label) if f.read(4) in TIFF_MAGIC else _read_pillow(f, label)
-    return _bands_last(array, label)
+        tiff = f.read(4) in TIFF_MAGIC
+        array = _read_tiff(f, label) if tiff else _read_pillow(f, label)
+    return _bands_last(array, label, band_first_possible=tiff)
 
 
 def read_header(path: ImageFile, name: str | None = None) -> Header:
@@ -76,7 +78,9 @@ def read_header(path: ImageFile, name: str | None = None) -> Header:
         with _pillow(f, label) as image:
             dtype = {"I;16": "uint16", "I;16B": "uint16", "I": "int32", "F": "float32"}.get(image.mode, "uint8")
             bands = 1 if image.mode == "LA" else 3 if image.mode in CONVERTED_TO_RGB else len(image.getbands())
-            return Header(image.height, image.width, bands, dtype)
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # rotated by 90 degrees
+            height, width = (image.width, image.height) if turned else (image.height, image.width)
+            return Header(height, width, bands, dtype)
 
 
 @contextmanager
@@ -103,10 +107,12 @@ def _band_first(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and shape[0] <= MAX_BANDS and shape[0] < shape[2]
 
 
-def _bands_last(array: np.ndarray, label: str) -> np.ndarray:
+def _bands_last(array: np.ndarray, label: str, band_first_possible: bool) -> np.ndarray:
+    """(H, W, C) from a 2-D array, a band-first TIFF array (only TIFFs store bands first: a 1-pixel-high
+    PNG is an image, not 1 band) or an (H, W, C) array."""
     if array.ndim == 2:
         array = array[:, :, None]
-    elif _band_first(array.shape):
+    elif band_first_possible and _band_first(array.shape):
         array = array.transpose(1, 2, 0)
     if array.ndim != 3:
         raise DataError(f"{label}: expected a 2-D image with bands, got an array of shape {array.shape}")
@@ -157,6 +163,7 @@ def _read_pillow(f: BinaryIO, label: str) -> np.ndarray:
     with _pillow(f, label) as image:
         try:
             image.load()
+            image = ImageOps.exif_transpose(image)  # a rotated JPEG stays aligned with its SAR
             if image.mode in CONVERTED_TO_RGB or image.mode == "LA":
                 image = image.convert("RGB" if image.mode != "LA" else "L")
             return np.asarray(image)
@@ -208,13 +215,14 @@ def to_unit_range(array: np.ndarray, scaling: ScalingConfig, path: str | Path) -
 
 
 def match_channels(array: np.ndarray, channels: int, path: str | Path, key: str) -> np.ndarray:
-    """Return ``array`` with ``channels`` bands: equal counts pass, a single band is
-    replicated (grayscale SAR as 3 channels), identical bands collapse to one; any
-    other mismatch is an error naming the file and the config key."""
+    """Return ``array`` with ``channels`` bands: equal counts pass, a single SAR band is
+    replicated (grayscale SAR as 3 channels, as the reference code does), identical bands
+    collapse to one; any other mismatch (a grayscale image among optical ones too) is an
+    error naming the file and the config key."""
     have = array.shape[2]
     if have == channels:
         return array
-    if have == 1:
+    if have == 1 and key == "model.sar_channels":
         return np.repeat(array, channels, axis=2)
     if channels == 1 and all(np.array_equal(array[:, :, 0], array[:, :, i]) for i in range(1, have)):
         return array[:, :, :1]
