@@ -275,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain an encoder (one process, or many under torchrun)",
                        description="Pretrain from a YAML config with key=value overrides; resumes "
-                                   "automatically from <run_dir>/checkpoints/last.pt.")
+                                   "automatically from <run_dir>/checkpoints/last.pt. Note: method.teacher.kind=hub "
+                                   "runs the hubconf.py of the folder the config names, so such configs must be "
+                                   "trusted like code.")
     p.add_argument("--config", help="YAML config file (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=10 data.batch_size=64")
     p.set_defaults(func=cmd_pretrain)

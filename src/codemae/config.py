@@ -176,7 +176,8 @@ class TeacherConfig:
 
     ``hf``: a Hugging Face-format directory (``DINOv3ViTModel``, needs the
     ``teacher`` extra); ``hub``: a local clone of the DINOv3 repository (``path``)
-    plus a weights file (``weights``) via ``torch.hub.load(source='local')``;
+    plus a weights file (``weights``) via ``torch.hub.load(source='local')``, which runs that
+    folder's ``hubconf.py`` (configs with hub teachers must be trusted like code);
     ``checkpoint``: a codemae checkpoint's encoder. ``cache``: a folder written by
     ``codemae teacher-cache``; when set, pretraining reads features from it and
     never runs the teacher.
