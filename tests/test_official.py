@@ -261,6 +261,9 @@ def test_published_files_refuse_code_and_unknown_keys(tmp_path):
     stray = save_published(tmp_path / "stray.pth", to_published(method) | {"mystery.weight": torch.zeros(2)})
     with pytest.raises(DataError, match="mystery.weight"):
         convert_checkpoint(stray, tmp_path / "out.pt", ["model.num_heads=2"])
+    good = save_published(tmp_path / "good.pth", to_published(method))
+    with pytest.raises(DataError, match="do not fit the config"):  # a 256-wide CDR head is no HOG head
+        convert_checkpoint(good, tmp_path / "out.pt", ["model.num_heads=2", "method.cdr_target=hog"])
 
 
 def imagenet_file(tmp_path, encoder_source) -> Path:
@@ -292,9 +295,10 @@ def test_itpn_imagenet_initialisation(tmp_path):
     from_rgb = lambda k: k.replace("patch_embed.sar.", "patch_embed.opt.")  # noqa: E731
     assert all(torch.equal(ours[k], theirs[from_rgb(k)]) for k in ours if k != "patch_embed.sar.proj.weight")
     weights = torch.load(path, weights_only=True)
-    torch.save(weights | {"unexpected.weight": torch.zeros(1)}, tmp_path / "stray.pth")
-    with pytest.raises(DataError, match="unexpected.weight"):
-        init_encoder(target, f"itpn-imagenet:{tmp_path / 'stray.pth'}")
+    for stray in ("unexpected.weight", "patch_embed.extra.weight"):
+        torch.save(weights | {stray: torch.zeros(1)}, tmp_path / "stray.pth")
+        with pytest.raises(DataError, match=stray):
+            init_encoder(target, f"itpn-imagenet:{tmp_path / 'stray.pth'}")
     torch.save({k: v for k, v in weights.items() if not k.startswith("fpn_modules")}, tmp_path / "short.pth")
     with pytest.raises(DataError, match="gives no pyramid.outputs"):
         init_encoder(target, f"itpn-imagenet:{tmp_path / 'short.pth'}")
@@ -372,5 +376,8 @@ def test_imagenet_weights_as_an_evaluable_encoder(tmp_path):
     assert main(["convert", "--from", "itpn-imagenet", "--checkpoint", str(path), "--out", str(out),
                  "model.num_heads=2", "model.sar_channels=1"]) == 0
     assert main(["retrieval", "--checkpoint", str(out), "--pairs", "synthetic", "--synthetic-n", "20"]) == 0
+    report = tmp_path / "report"
+    assert main(["analyze", "--checkpoint", str(out), "--pairs", "synthetic", "--pairs-n", "20", "--out", str(report)]) == 0
+    assert not list(report.glob("reconstructions_*.png"))  # an export's decoders were never trained: none shown
     encoder = codemae.load_encoder(str(out)).encoder
     assert torch.equal(encoder.state_dict()["blocks.1.attn.qkv.weight"], source.encoder.state_dict()["blocks.1.attn.qkv.weight"])

@@ -198,5 +198,6 @@ def run_bench(backbones: list[str], img_size: int, batch: int, steps: int, threa
           + f"; fastest model above {fastest} pairs/s")
     result = {"steps": steps_table, "pipeline_pairs_per_s": pipeline}
     if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -81,4 +81,5 @@ def load_encoder(directory: str | Path, device: str | torch.device = "cpu",
         raise DataError(f"{directory / WEIGHTS}: weights do not match the export's config "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     method.load_state_dict(weights, strict=False)
+    method.encoder_only = True
     return method.eval().to(device)

@@ -35,7 +35,7 @@ from torch import Tensor
 from codemae import __version__
 from codemae.checkpoint import LAYOUT, save_atomic
 from codemae.config import Config, apply_override, from_dict, to_dict, validate
-from codemae.errors import ConfigError, DataError
+from codemae.errors import ConfigError, DataError, one_line
 from codemae.loading import load_method
 from codemae.methods import PretrainMethod, build_method
 from codemae.models.backbone import Encoder
@@ -248,8 +248,12 @@ def convert_checkpoint(path: str | Path, out: str | Path, overrides: list[str] =
     raw["run_dir"] = str(Path(out).parent)
     cfg = with_overrides(raw, list(overrides), str(path))
     method = build_method(cfg)
-    method.load_state_dict(from_published(weights, method, str(path)), strict=True)
-    save_atomic({"model": method.state_dict(), "config": to_dict(cfg), "step": args.get("epochs"),
+    try:
+        method.load_state_dict(from_published(weights, method, str(path)), strict=True)
+    except RuntimeError as err:
+        raise DataError(f"{path}: its tensors do not fit the config (check the overrides): "
+                        f"{str(err).splitlines()[-1].strip()}") from err
+    save_atomic({"model": method.state_dict(), "config": to_dict(cfg), "step": args.get("epoch"),
                  "version": __version__, "layout": LAYOUT, "converted_from": str(path)}, Path(out))
     return Path(out)
 
@@ -266,8 +270,11 @@ def init_from_itpn_imagenet(encoder: HiViT, path: str | Path) -> None:
             unused.append(key)
         elif key.startswith("patch_embed."):
             for m, side in PATCH_SIDES.items():
+                ours = wanted.get(f"{side}.{key.removeprefix('patch_embed.')}")
+                if ours is None:
+                    raise DataError(f"{path}: ImageNet iTPN tensor {key} has no place in the codemae encoder")
                 if m in encoder.channels:
-                    state[wanted[f"{side}.{key.removeprefix('patch_embed.')}"]] = fit_channels(value, encoder, m, key)
+                    state[ours] = fit_channels(value, encoder, m, key)
         elif key in wanted:
             state[wanted[key]] = value
         else:
@@ -400,8 +407,8 @@ def load_classifier(directory: str | Path) -> PublishedClassifier:
     try:
         meta = json.loads((directory / CLASSIFIER_CONFIG).read_text())
         weights = load_file(str(directory / CLASSIFIER_WEIGHTS))
-    except (OSError, ValueError, SafetensorError) as err:
-        raise DataError(f"{directory}: not a converted classifier ({err})") from err
-    classifier = classifier_from_meta(meta)
-    classifier.load_state_dict(weights, strict=True)
+        classifier = classifier_from_meta(meta)
+        classifier.load_state_dict(weights, strict=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
+        raise DataError(f"{directory}: not a converted classifier ({one_line(err)})") from err
     return classifier.eval()

@@ -59,6 +59,6 @@ def collect(method: PretrainMethod, source: Source, count: int = 200, batch: int
         aligned.append(patch_alignment(tokens["opt"], tokens["sar"]))
     ssim = patch_ssim(grayscale(units["opt"]), units["sar"].mean(1, keepdim=True), encoder.patch_size)
     torch.manual_seed(seed)
-    recon = method.reconstruct({m: x[:RECONSTRUCTED] for m, x in inputs.items()})
+    recon = {} if method.encoder_only else method.reconstruct({m: x[:RECONSTRUCTED] for m, x in inputs.items()})
     return Collected(torch.cat(pooled["opt"]), torch.cat(pooled["sar"]), torch.cat(aligned), ssim,
                      {m: x[:RECONSTRUCTED] for m, x in inputs.items()}, recon)

@@ -215,7 +215,10 @@ def decode_record(record: dict[str, bytes], source: ShardedSource, channels: dic
             raise DataError(f"{name}: record has no {m} image")
         arrays[m] = load_source_image(source.source, channels, m, record[member], name)
     if "json" in record:
-        top, left, size = json.loads(record["json"])["tile"]
+        try:
+            top, left, size = (int(v) for v in json.loads(record["json"])["tile"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{url}:{record['__key__']}: malformed tile record") from err
         arrays = {m: a[top : top + size, left : left + size] for m, a in arrays.items()}
     if len({a.shape[:2] for a in arrays.values()}) > 1:
         raise DataError(f"{url}:{record['__key__']}: optical and SAR sizes differ")
@@ -361,13 +364,15 @@ class ShardStream(IterableDataset):
 
     def sample(self, stream: Iterator[tuple[int, str, dict]], seed: int) -> tuple[dict, int]:
         """The next decodable sample, augmented with ``seed``; with on_error=skip, bad records are counted."""
-        def attempt(_: int) -> tuple[int, dict, dict]:
+        def attempt(_: int) -> tuple[int, int, dict]:
             k, url, record = next(stream)
-            return k, record, decode_record(record, self.sources[k], self.channels, url)
+            if not record["__key__"].isdigit():
+                raise DataError(f"{url}: record key {shown(record['__key__'])} is not a sample number")
+            return k, int(record["__key__"]), decode_record(record, self.sources[k], self.channels, url)
 
-        (k, record, arrays), bad = retry_readable(attempt, self.on_error, "shard stream")
+        (k, index, arrays), bad = retry_readable(attempt, self.on_error, "shard stream")
         sample, _ = self.transforms[k](arrays, torch.Generator().manual_seed(seed))
-        sample["id"] = torch.tensor([k, int(record["__key__"])])  # (source, sample index) for tracing
+        sample["id"] = torch.tensor([k, index])  # (source, sample index) for tracing
         return sample, bad
 
 

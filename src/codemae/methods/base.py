@@ -24,6 +24,7 @@ class PretrainMethod(nn.Module):
 
     encoder: Encoder
     needs_pairs: ClassVar[bool] = False
+    encoder_only = False  # True for an export's method: its decoders were never trained
 
     @classmethod
     def build_encoder(cls, cfg: Config) -> Encoder:

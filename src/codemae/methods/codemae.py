@@ -125,7 +125,7 @@ class CoDeMAE(JointMAE):
         if not (self.cfg.cdr and self.cdr_target.pictured and "sar" in images and "opt" in images):
             return {}
         pred = self.cdr_decoder({"sar": (visible["sar"].tokens, visible["sar"].mask.ids_restore)})["sar"]
-        target = self.cdr_target.image(images["opt"], self.encoder.patch_size)
+        target = self.cdr_target.image(as_rgb(images["opt"]), self.encoder.patch_size)
         return {"cdr_recon": self.paste(pred, target, visible["sar"].mask.mask, self.cfg.norm_pix_loss)}
 
 

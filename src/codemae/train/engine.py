@@ -59,8 +59,8 @@ def pretrain(cfg: Config) -> dict:
         check_resume(cfg, run_dir)
         setup_logging(run_dir, info)
         return Trainer(cfg, info, run_dir).fit()
-    except OSError as err:  # a file of the run folder that cannot be written (metrics, logs, statistics)
-        raise TrainingError(f"cannot write {err.filename or run_dir}: {err.strerror or err}") from err
+    except OSError as err:  # a file the run cannot create, write or read (metrics, logs, statistics)
+        raise TrainingError(f"cannot use {err.filename or run_dir}: {err.strerror or err}") from err
     except RuntimeError as err:
         if not (info.enabled and peer_failure(err)):
             raise
@@ -111,10 +111,12 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 def check_resume(cfg: Config, run_dir: Path) -> None:
     """Resuming a run with another config is refused (naming the keys that differ) unless the change is
     one of ``RESUME_SAFE`` or ``train.resume=force``."""
-    stored_path = run_dir / "config.yaml"
-    if cfg.train.resume == "force" or not (run_dir / CHECKPOINT).is_file() or not stored_path.is_file():
+    path = run_dir / CHECKPOINT
+    if cfg.train.resume == "force" or not path.is_file():
         return
-    stored, new = flatten(yaml.safe_load(stored_path.read_text()) or {}), flatten(to_dict(cfg))
+    state = load_checkpoint(path, mmap=True)  # the config the checkpoint was written with; tensors stay on disk
+    check_entries(state, path, "config")
+    stored, new = flatten(state["config"]), flatten(to_dict(cfg))
     differ = sorted(k for k in stored.keys() | new.keys()
                     if stored.get(k) != new.get(k) and not k.startswith(RESUME_SAFE))
     if differ:
@@ -205,7 +207,7 @@ class Trainer:
             log.warning("bf16 autocast on a CPU without bf16 hardware is very slow; use precision=fp32")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.method = build_method(cfg)
-        if cfg.model.init:
+        if cfg.model.init and not (run_dir / CHECKPOINT).is_file():  # a resumed run's weights come from last.pt
             init_encoder(self.method.encoder, cfg.model.init)
         self.method.to(info.device)
         kinds = source_kinds(cfg.data)
@@ -261,7 +263,6 @@ class Trainer:
         return int(state["step"])
 
     def checkpoint(self) -> None:
-        self.saved_step = self.step
         if self.info.is_main:
             save_atomic({
                 "model": self.method.state_dict(),
@@ -271,6 +272,7 @@ class Trainer:
                 "version": __version__,
                 "layout": LAYOUT,
             }, self.run_dir / CHECKPOINT)
+        self.saved_step = self.step
 
     def fit(self) -> dict:
         tc = self.cfg.train
