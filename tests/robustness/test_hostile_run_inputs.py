@@ -129,6 +129,10 @@ def test_manifest_counts_and_nesting_are_bounded(tmp_path):
     edit_manifest(shards, lambda m: m["sources"][0]["shards"][0].update(samples=11))
     with pytest.raises(DataError, match="its shards hold 23 samples, the manifest says 24"):
         stream_of(cfg)
+    edit_manifest(shards, lambda m: m["sources"][0]["shards"][0].update(samples=12))
+    edit_manifest(shards, lambda m: m["sources"][0].update(kind="foo"))
+    with pytest.raises(DataError, match="kind 'foo'"):
+        stream_of(cfg)
     (shards / "manifest.json").write_text("[" * 200_000 + "]" * 200_000)
     with pytest.raises(DataError, match="manifest"):
         read_manifest(str(shards))

@@ -139,6 +139,10 @@ def read_manifest(root: str) -> list[ShardedSource]:
         sources = []
         for e in data["sources"]:
             name = safe_name(e["name"], f"{url}: source name")
+            expected = ("opt", "sar") if e["kind"] == "paired" else (e["kind"],)
+            if e["kind"] not in KINDS or tuple(e["modalities"]) != expected or set(e["stats"]) - set(expected):
+                raise DataError(f"{url}: source '{name}': kind {shown(e['kind'])} with modalities "
+                                f"{shown(e['modalities'])} is not a codemae source (paired: opt and sar; opt; sar)")
             shards = [checked_shard(s, name, url) for s in e["shards"]]
             if sum(s.samples for s in shards) != e["samples"]:
                 raise DataError(f"{url}: source '{name}': its shards hold {sum(s.samples for s in shards)} samples, "
