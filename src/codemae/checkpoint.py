@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -44,14 +45,16 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
         ) from err
 
 
-def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, mmap: bool = False, allowed: Sequence[type] = ()) -> dict[str, Any]:
     """Read a checkpoint as data only; a payload that needs pickled code is refused. ``mmap``: tensors
-    are mapped from the file rather than read (cheap when only the other entries are wanted)."""
+    are mapped from the file rather than read (cheap when only the other entries are wanted);
+    ``allowed``: plain-data classes the file may also hold (the published files' ``argparse.Namespace``)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint {path} not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(list(allowed)):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError ...
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"checkpoint {path} cannot be loaded as weights only: {reason}") from err

@@ -8,7 +8,6 @@ pickled code and brings checkpoints of earlier codemae layouts up to date.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from torch import Tensor
 
 from codemae.checkpoint import LAYOUT, check_entries, load_checkpoint
 from codemae.config import Config, MethodConfig, TeacherConfig, from_dict, validate
-from codemae.data.sources import Source
+from codemae.data.pipeline import TeacherFeatures
 from codemae.data.teacher_cache import TeacherFeatureCache
 from codemae.errors import ConfigError, DataError
 from codemae.methods import PretrainMethod, build_method
@@ -25,7 +24,6 @@ from codemae.models.vit import VIT_SIZES
 
 log = logging.getLogger("codemae")
 
-TeacherFeatures = Callable[[Source], "TeacherFeatureCache | None"]
 # layout 1 Fus-MAE: its fusion block and CLS token sat beside the encoder
 FUSMAE_RENAMES = (("encoder_fusion.", "encoder.fusion."), ("cls_token", "encoder.cls_token"))
 

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from codemae import __version__
-from codemae.checkpoint import LAYOUT, save_atomic
+from codemae.checkpoint import LAYOUT, load_checkpoint, save_atomic
 from codemae.config import Config, apply_override, from_dict, to_dict, validate
 from codemae.errors import ConfigError, DataError, one_line
 from codemae.loading import load_method
@@ -151,18 +151,7 @@ def from_published(weights: dict[str, Tensor], method: PretrainMethod, where: st
 def read_published(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     """A published checkpoint file's state dict (its ``model`` entry, or the file itself when flat,
     ``module.`` prefixes removed) and its ``args`` as a dict (empty when absent)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"checkpoint {path} not found")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError ...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"checkpoint {path} cannot be read as weights only ({reason}); if it holds more than "
-                        "tensors and argparse settings, save its 'model' entry alone and convert that") from err
-    if not isinstance(raw, dict):
-        raise DataError(f"checkpoint {path} is not a state dict")
+    raw = load_checkpoint(path, allowed=[argparse.Namespace])
     weights = raw.get("model", raw.get("state_dict", raw))
     if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
         raise DataError(f"checkpoint {path}: its 'model' entry is not a state dict of tensors")

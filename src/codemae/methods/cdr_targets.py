@@ -15,7 +15,7 @@ per-patch vectors (B, N, p*p*K) with the pixel order of :func:`~codemae.losses.p
   log 0), one channel per radius (SARATR-X's recipe, as published).
 
 The SAR-side target (the ``both`` direction: optical tokens predict it) is the same target of the
-SAR image, its channels averaged and repeated to three (the published SAR is three equal channels).
+SAR image made three-channel by :func:`as_rgb` (the published SAR is three equal channels).
 """
 
 from __future__ import annotations

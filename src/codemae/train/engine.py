@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -30,8 +30,8 @@ from codemae.config import Config, to_dict
 from codemae.data.pipeline import build_training_data, source_kinds
 from codemae.errors import ConfigError, Interrupted, TrainingError, one_line
 from codemae.loading import prepare_teacher
-from codemae.official import init_encoder
 from codemae.methods import PretrainMethod, build_method
+from codemae.official import init_encoder
 from codemae.train.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -190,8 +190,8 @@ def writer_alive(temp: Path) -> bool:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
