@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean chromium
+.PHONY: demo test test-all bench evidence clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m codemae.cli bench --backbones vit_tiny hivit_tiny --img-size 128 --batch-size 32
+
+# make evidence [HOURS=0.5]: the method comparison on ../shared/data (benchmarks/evidence.py, docs/evidence.md)
+HOURS ?= 0.5
+evidence: $(STAMP)
+	$(PY) benchmarks/evidence.py --hours $(HOURS) --out runs/evidence/study_$(HOURS)h
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

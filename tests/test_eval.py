@@ -112,7 +112,9 @@ def test_probe_cli_on_synthetic_with_random_encoder(tmp_path, capsys):
     assert code == 0
     result = json.loads(out.read_text())
     summary = result["summary"]
-    assert set(summary) == {"honest (val-selected, test once)", "reference (best test epoch)"}
+    assert set(summary) == {"honest (val-selected, test once)", "reference (best of test evaluations every 5 epochs)",
+                            "honest weighted precision", "honest weighted recall", "honest weighted F1"}
+    assert result["split"]["kind"] == "re-split"
     assert len(summary["honest (val-selected, test once)"]["values"]) == 2
-    assert "linear probe, both" in capsys.readouterr().out
+    assert "linear probe (codemae-linear), both" in capsys.readouterr().out
     assert main(["probe", "--random", str(config), "--data", str(tmp_path), "--modality", "both"]) == 2

@@ -25,16 +25,17 @@ def test_layer_ids_and_decayed_learning_rates(tmp_path):
     method = build_method(tiny_config(tmp_path))  # HiViT with 2 attention blocks
     model = Classifier(method, ("sar",), 3)
     encoder = method.encoder
-    assert encoder.num_layers == 3
+    # the published numbering: stage1 block, merge1, stage2 block, merge2, 2 attention blocks -> ids 1..6
+    assert encoder.num_layers == 6
     assert encoder.layer_id("patch_embed.sar.proj.weight") == 0
-    assert encoder.layer_id("stage1.0.mlp.fc1.weight") == 0
-    assert encoder.layer_id("blocks.1.attn.qkv.weight") == 2
-    assert encoder.layer_id("pyramid.block4.mlp.fc1.weight") == 3
+    assert encoder.layer_id("stage1.0.mlp.fc1.weight") == 1
+    assert encoder.layer_id("blocks.1.attn.qkv.weight") == 6
+    assert encoder.layer_id("pyramid.block4.mlp.fc1.weight") == 6
     groups = layer_decay_groups(model, lr=1.0, weight_decay=0.05, decay=0.5)
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
-    assert scale_of[id(named["method.encoder.patch_embed.sar.proj.weight"])] == 0.5**3
-    assert scale_of[id(named["method.encoder.blocks.0.attn.qkv.weight"])] == 0.5**2
+    assert scale_of[id(named["method.encoder.patch_embed.sar.proj.weight"])] == 0.5**6
+    assert scale_of[id(named["method.encoder.blocks.0.attn.qkv.weight"])] == 0.5**1
     assert scale_of[id(named["head.weight"])] == 1.0
     decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert decay_of[id(named["head.bias"])] == 0.0 and decay_of[id(named["head.weight"])] == 0.05

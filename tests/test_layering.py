@@ -26,7 +26,7 @@ ALLOWED = {
     "train": {"ground", "data", "models", "methods", "loading", "official"},
     "eval": {"ground", "data", "models", "methods", "loading", "train", "export"},
     "analysis": {"ground", "data", "models", "methods", "loading", "eval"},
-    "export": {"ground", "methods", "loading"},
+    "export": {"ground", "data", "models", "methods", "loading"},  # data: the run's statistics and band names
     "bench": {"ground", "data", "methods", "train", "config"},
     "cli": {"ground", "data", "models", "methods", "loading", "official", "train", "eval", "analysis", "export",
             "bench"},

@@ -15,6 +15,7 @@ import yaml
 import codemae
 from codemae.config import to_dict
 from codemae.errors import DataError
+from codemae.export import load_export_method
 from codemae.loading import load_method
 from codemae.train.engine import pretrain
 from conftest import tiny_config
@@ -64,8 +65,8 @@ def test_export_gives_the_checkpoints_features_and_refuses_pickle(tmp_path):
                          train={"max_steps": 2}))
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "enc")]) == 0
-    assert sorted(p.name for p in (tmp_path / "enc").iterdir()) == ["config.json", "encoder.safetensors"]
-    exported, original = codemae.load_encoder(str(tmp_path / "enc")), load_method(ckpt)
+    assert sorted(p.name for p in (tmp_path / "enc").iterdir()) == ["README.md", "config.json", "encoder.safetensors"]
+    exported, original = load_export_method(tmp_path / "enc"), load_method(ckpt)
     images = {"opt": torch.randn(2, 3, 32, 32), "sar": torch.randn(2, 1, 32, 32)}
     with torch.no_grad():
         a, b = exported.encode(images), original.encode(images)
@@ -90,7 +91,7 @@ def test_fusmae_export_carries_its_fusion_weights(tmp_path):
     from codemae.export import export_encoder
 
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    exported = codemae.load_encoder(str(export_encoder(ckpt, tmp_path / "enc")))
+    exported = load_export_method(export_encoder(ckpt, tmp_path / "enc"))
     images = {"opt": torch.randn(2, 3, 32, 32), "sar": torch.randn(2, 1, 32, 32)}
     with torch.no_grad():
         assert torch.equal(exported.encode(images)["opt"], load_method(ckpt).encode(images)["opt"])

@@ -72,10 +72,12 @@ def endless(loader):
 
 
 def measure_backbone(backbone: str, img_size: int, batch: int, steps: int, threads: int | None, workers: int,
-                     precision: str) -> dict:
-    """Time ``steps`` joint-MAE training steps (after 2 warm-up steps) of ``backbone``."""
+                     precision: str, compiled: bool = False) -> dict:
+    """Time ``steps`` joint-MAE training steps (after 2 warm-up steps) of ``backbone``, set up as the engine
+    sets a run up (TF32 on CUDA, the fused AdamW, its blocks compiled when ``compiled``)."""
     from codemae.batch import model_input
     from codemae.methods import build_method
+    from codemae.train.accel import compile_blocks, enable_tf32
     from codemae.train.optim import pretraining_optimizer
     from codemae.train.step import TrainStep
 
@@ -92,11 +94,16 @@ def measure_backbone(backbone: str, img_size: int, batch: int, steps: int, threa
     first = fetch()  # start the loader workers before torch's compute threads exist in this process
     torch.manual_seed(0)
     model = build_method(cfg).to(device)
+    enable_tf32(device)
     step = TrainStep(model, pretraining_optimizer(model, 1e-4, 0.05, [0.9, 0.95]), device, precision)
     with FlopCounterMode(display=False) as counter:
         step.backward(step.forward(first))
     step.apply(update=False)
-    step_flops = counter.get_total_flops()
+    step_flops = counter.get_total_flops()  # counted eagerly: compiling changes no FLOP
+    compiled = compiled and compile_blocks(model, device)
+    for _ in range(2 if compiled else 0):  # compiling (forward and backward graphs) is over before timing
+        step.backward(step.forward(first))
+        step.apply(update=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times: dict[str, list[float]] = {"data": [], "forward": [], "backward": [], "optimizer": []}
@@ -123,7 +130,7 @@ def measure_backbone(backbone: str, img_size: int, batch: int, steps: int, threa
     mean_step = statistics.mean(step_s)
     peak = matmul_peak_gflops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     result = {
-        "backbone": backbone, "img_size": img_size, "batch_pairs": batch, "precision": precision,
+        "backbone": backbone, "img_size": img_size, "batch_pairs": batch, "precision": precision, "compiled": compiled,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "step_s": round(mean_step, 4),
@@ -173,18 +180,19 @@ def in_fresh_process(function, *args):
     return result
 
 
-STEP_COLUMNS = ("backbone", "precision", "params_m", "pairs_per_s", "step_s", "data_s", "forward_s", "backward_s",
+STEP_COLUMNS = ("backbone", "precision", "compiled", "params_m", "pairs_per_s", "step_s", "data_s", "forward_s", "backward_s",
                 "optimizer_s", "step_gflop", "achieved_gflops", "matmul_peak_gflops", "utilisation", "peak_rss_mb",
                 "cuda_peak_mb")
 
 
 def run_bench(backbones: list[str], img_size: int, batch: int, steps: int, threads: int | None,
-              out: str | None, workers: int = 2) -> dict:
+              out: str | None, workers: int = 2, compiled: bool = False) -> dict:
     """Measure each backbone (fp32, and bf16 on a GPU) and the data pipeline; print tables, optionally JSON."""
     if threads:
         torch.set_num_threads(threads)
     precisions = ["fp32", "bf16"] if torch.cuda.is_available() else ["fp32"]
-    steps_table = [in_fresh_process(measure_backbone, backbone, img_size, batch, steps, threads, workers, precision)
+    steps_table = [in_fresh_process(measure_backbone, backbone, img_size, batch, steps, threads, workers, precision,
+                                    compiled)
                    for backbone in backbones for precision in precisions]
     pipeline = {w: in_fresh_process(measure_pipeline, img_size, batch, w) for w in PIPELINE_WORKERS}
     print(f"joint MAE training step, {img_size} px, batch {batch} pairs, {workers} loader workers, "

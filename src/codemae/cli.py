@@ -3,13 +3,128 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
+from codemae import __version__
 from codemae.errors import CodemaeError, ConfigError, one_line
+
+
+# --- command-line conventions shared by every subcommand (docs/cli.md) ------------------------------
+# ``type=`` checks: a refused value exits 2 with one line naming the option, before any work is done.
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def finite_float(text: str) -> float:
+    """A finite number (no nan, no inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or abs(value) == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (seeds, epochs, sample counts, batch and image sizes)."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (``--shots 0``: the whole training pool; worker counts)."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number strictly between 0 and 1."""
+    value = finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``; checked against the machine when the command runs
+    (:func:`codemae.eval.device.resolve_device`)."""
+    if not (text in ("cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """``--device`` of every evaluation, analysis and inference command; the handler resolves it with
+    ``codemae.eval.device.resolve_device(args.device)``."""
+    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: CUDA when available, else CPU)")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none (``None``) or is a switch."""
+
+    @staticmethod
+    def default_of(action: argparse.Action) -> str | None:
+        default = action.default
+        if action.nargs == 0 or default in (None, argparse.SUPPRESS) or (
+                not action.option_strings and action.nargs not in ("?", "*")):
+            return None
+        text = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return text.replace("%", "%%")
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = self.default_of(action)
+        if default is None or "default:" in (action.help or ""):
+            return action.help or ""
+        return f"{action.help} (default: {default})" if action.help else f"default: {default}"
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self.default_of(action) is not None:  # argparse skips help-less options
+            action = copy.copy(action)
+            action.help = f"default: {self.default_of(action)}"
+        return super()._format_action(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser (``add_subparsers(parser_class=...)``, inherited by nested subcommands):
+    defaults shown in its help, and an unknown option reported with this subcommand's usage, where
+    argparse would hand it up to the top-level parser and print the top-level usage."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 (argparse's signature)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            import difflib
+
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            near = [m for x in extras if x.startswith("-")
+                    for m in difflib.get_close_matches(x.split("=")[0], options, n=1)]
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" (did you mean {near[0]}?)" if near else ""))
+        return namespace, extras
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -49,14 +164,23 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if print_check(check_config(cfg, args.pixels, args.workers)) else 2
 
 
-def cmd_teacher_cache(args: argparse.Namespace) -> int:
-    import torch
+def cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
 
+    from codemae.config import load_config, to_dict
+
+    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    return 0
+
+
+def cmd_teacher_cache(args: argparse.Namespace) -> int:
     from codemae.config import load_config
     from codemae.data.pipeline import build_sources
+    from codemae.eval.device import resolve_device
     from codemae.loading import build_teacher
     from codemae.train.teacher_features import write_teacher_cache
 
+    device = resolve_device(args.device)
     cfg = load_config(args.config, args.overrides)
     teacher_cfg = cfg.method.teacher
     if not teacher_cfg.cache:
@@ -64,7 +188,7 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
     teacher = build_teacher(teacher_cfg)
     if teacher is None:
         raise ConfigError("config key 'method.teacher.kind': none; choose hf, hub or checkpoint")
-    teacher.to("cuda" if torch.cuda.is_available() else "cpu")
+    teacher.to(device)
     size = teacher_cfg.input_size or cfg.model.img_size
     for source in build_sources(cfg.data, cfg.model.channels):
         if "opt" in source.modalities:
@@ -73,26 +197,52 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def labelled_data(args: argparse.Namespace, channels: dict[str, int]):
-    """The labelled set named by --data (a class-folder tree, a paired folder with --labels, or 'synthetic')."""
+def labelled_data(args: argparse.Namespace, channels: dict[str, int], root: str | None = None):
+    """The labelled set in ``root`` (default --data): a class-folder tree, a paired folder with --labels
+    or --masks, or 'synthetic'."""
     from codemae.eval.data import class_folders, paired_with_labels, paired_with_masks, synthetic_scenes
 
-    if args.data == "synthetic":
+    root = root or args.data
+    if root is None:
+        raise ConfigError("give --data, or --train and --test folders")
+    if root == "synthetic":
         return synthetic_scenes(args.synthetic_n, args.synthetic_size, 100_000, channels, args.multilabel)
     if args.masks:
-        return paired_with_masks(args.data, args.masks, channels, args.nodata)
+        return paired_with_masks(root, args.masks, channels, args.nodata)
     if args.labels:
-        return paired_with_labels(args.data, args.labels, channels)
+        return paired_with_labels(root, args.labels, channels)
     if args.modality == "both":
         raise ConfigError("--modality both needs paired data: give --labels with a paired folder, or --data synthetic")
-    return class_folders(args.data, args.modality, channels)
+    return class_folders(root, args.modality, channels)
+
+
+def labelled_split(args: argparse.Namespace, channels: dict[str, int]):
+    """The labelled set and its split: the given --train/--test[/--val] (folders or split lists of --data),
+    else the stratified re-split of --data; printed, so every result says which it used."""
+    from codemae.eval.splits import given_split, resplit
+
+    given = {part: getattr(args, part) for part in ("train", "val", "test") if getattr(args, part)}
+    if given:
+        data, split = given_split(lambda root: labelled_data(args, channels, root), args.data, given)
+    else:
+        data = labelled_data(args, channels)
+        split = resplit(data)
+    print(f"split: {split.describe()}")
+    return data, split
+
+
+def training_shots(args: argparse.Namespace, split) -> int:
+    """--shots, defaulting to 10 on the re-split and to the whole given training set."""
+    return args.shots if args.shots is not None else (0 if split.kind == "given" else 10)
 
 
 def evaluation_setup(args: argparse.Namespace):
+    from codemae.eval.device import resolve_device
     from codemae.eval.features import method_to_evaluate
 
-    method = method_to_evaluate(args.checkpoint, args.random)
-    return method, labelled_data(args, method.encoder.channels)
+    device = resolve_device(args.device)
+    method = method_to_evaluate(args.checkpoint, args.random).to(device)
+    return (method, *labelled_split(args, method.encoder.channels))
 
 
 def seeds_of(args: argparse.Namespace) -> list[int]:
@@ -108,62 +258,176 @@ def finish(title: str, result: dict, args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    from codemae.eval.probe import RECIPES
     from codemae.eval.protocols import run_probe
 
-    method, data = evaluation_setup(args)
-    result = run_probe(method, data, args.modality, args.shots, args.kshot, seeds_of(args), args.centre_crop,
-                       args.epochs)
-    shots = f"{args.shots}-shot ({args.kshot})" if args.shots > 0 else "full pool"
-    title = (f"linear probe, {args.modality}, {shots}, {result['metric']} %, train {result['train_size']} / "
-             f"val {result['val_size']} / test {result['test_size']}")
+    recipe = RECIPES[args.protocol]
+    if recipe.label_fraction is not None and args.shots:
+        raise ConfigError(f"--protocol {args.protocol} trains on {recipe.label_fraction:.0%} of the labels; "
+                          "--shots does not apply")
+    method, data, split = evaluation_setup(args)
+    shots = training_shots(args, split) if recipe.label_fraction is None else 0
+    result = run_probe(method, data, split, args.modality, shots, args.kshot, seeds_of(args), args.centre_crop,
+                       args.epochs, recipe)
+    drawn = (f"{recipe.label_fraction:.0%} of the labels" if recipe.label_fraction is not None
+             else f"{shots}-shot ({args.kshot})" if shots > 0 else "whole training set")
+    title = (f"linear probe ({args.protocol}), {args.modality}, {drawn}, {result['metric']} %, train "
+             f"{result['train_size']} / val {result['val_size']} / test {result['test_size']}")
     return finish(title, result, args)
+
+
+def cmd_split_lists(args: argparse.Namespace) -> int:
+    from codemae.eval.data import class_folders
+    from codemae.eval.splits import write_split_lists
+
+    if len(args.fractions) != 3 or abs(sum(args.fractions) - 1) > 1e-6 or min(args.fractions) < 0:
+        raise ConfigError(f"--fractions {' '.join(map(str, args.fractions))}: give train, val and test "
+                          "fractions >= 0 summing to 1")
+    data = class_folders(args.data, "sar", {"opt": 3, "sar": 1})
+    written = write_split_lists(data, args.data, dict(zip(("train", "val", "test"), args.fractions)), args.seed,
+                                args.out)
+    for part, path in written.items():
+        print(f"wrote {path} ({len(path.read_text().splitlines())} images)")
+    print(f"use them with --data {args.data} " + " ".join(f"--{p} {path}" for p, path in written.items()))
+    return 0
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
     from codemae.eval.protocols import run_knn
 
-    method, data = evaluation_setup(args)
-    result = run_knn(method, data, args.modality, args.shots, args.kshot, seeds_of(args), args.k, args.centre_crop)
-    return finish(f"k-NN, {args.modality}, test {result['test_size']}", result, args)
+    method, data, split = evaluation_setup(args)
+    result = run_knn(method, data, split, args.modality, training_shots(args, split), args.kshot, seeds_of(args),
+                     args.k, args.centre_crop)
+    return finish(f"k-NN, {args.modality}, train {result['train_size']} / test {result['test_size']}", result, args)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from codemae.eval.device import resolve_device
     from codemae.eval.features import method_to_evaluate
     from codemae.eval.finetune import PROTOCOLS, run_finetune
 
+    device = resolve_device(args.device)
     protocol = PROTOCOLS[args.protocol]
     if args.epochs:
         protocol = dataclasses.replace(protocol, epochs=args.epochs)
-    load = lambda: method_to_evaluate(args.checkpoint, args.random, drop_path=protocol.drop_path)  # noqa: E731
-    data = labelled_data(args, load().encoder.channels)
-    result = run_finetune(load, data, args.modality, args.shots, args.kshot, seeds_of(args), protocol)
-    title = (f"fine-tuning ({args.protocol}), {args.modality}, {args.shots}-shot ({args.kshot}), "
-             f"{protocol.epochs} epochs, train {result['train_size']} / test {result['test_size']}")
+    if args.layer_decay is not None:
+        protocol = dataclasses.replace(protocol, layer_decay=args.layer_decay)
+    load = lambda: method_to_evaluate(  # noqa: E731
+        args.checkpoint, args.random, drop_path=protocol.drop_path).to(device)
+    if args.cnn:
+        from codemae.eval.cnn import CNNMethod
+
+        load = lambda: CNNMethod(args.cnn, {"opt": 3, "sar": 1}).to(device)  # noqa: E731
+    data, split = labelled_split(args, load().encoder.channels)
+    shots = training_shots(args, split)
+    result = run_finetune(load, data, split, args.modality, shots, args.kshot, seeds_of(args), protocol)
+    drawn = f"{shots}-shot ({args.kshot})" if shots > 0 else "whole training set"
+    title = (f"fine-tuning ({args.protocol}, layer decay {protocol.layer_decay}), {args.modality}, {drawn}, "
+             f"{protocol.epochs} epochs, {result['metric']} %, train {result['train_size']} / val "
+             f"{result['val_size']} / test {result['test_size']}")
     return finish(title, result, args)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from codemae.config import ScalingConfig
+    from codemae.errors import ConfigError
+    from codemae.eval.device import resolve_device
     from codemae.eval.features import method_to_evaluate
-    from codemae.eval.segmentation import folder_segmentation, run_segmentation, scene_tiles, synthetic_segmentation
+    from codemae.eval.segmentation import (SCENE_SPLIT, Recipe, choose_split, folder_segmentation,
+                                           run_segmentation, scene_regions, synthetic_segmentation)
 
-    load = lambda: method_to_evaluate(args.checkpoint, args.random)  # noqa: E731
-    method = load()
-    size = method.encoder.img_size
+    device = resolve_device(args.device)
+    recipe = Recipe(head=args.head, channels=args.channels, aux_head=args.aux_head, train_encoder=args.finetune_encoder,
+                    lr=args.lr, layer_decay=args.layer_decay, weight_decay=args.weight_decay, drop_path=args.drop_path,
+                    iters=args.iters, warmup_iters=args.warmup_iters, power=args.power, min_lr=args.min_lr,
+                    batch_size=args.batch_size, crop=args.crop, stride=args.stride)
+    drop_path = recipe.drop_path if recipe.train_encoder else None  # a frozen encoder runs in eval mode
+    load = lambda: method_to_evaluate(args.checkpoint, args.random, drop_path=drop_path).to(device)  # noqa: E731
+    encoder = load().encoder
+    channels = encoder.channels
+    lists = {k: v for k, v in (("train", args.train), ("test", args.test), ("val", args.val)) if v}
+    if lists and not args.masks:
+        raise ConfigError("--train/--test/--val split lists name the stems of --data/--masks folders")
     if args.masks:
-        data = folder_segmentation(args.data, args.masks, size, method.encoder.channels, args.nodata)
+        data = folder_segmentation(args.data, args.masks, channels, args.nodata)
     elif args.scene:
         opt, sar, mask = args.scene
         scaling = {"opt": ScalingConfig(max_value=args.opt_max), "sar": ScalingConfig(mode="db", db_range=args.sar_db)}
-        data = scene_tiles({"opt": opt, "sar": sar}, mask, args.tile or size, method.encoder.channels,
-                           {"opt": args.opt_bands, "sar": args.sar_bands}, scaling, args.nodata)
+        data = scene_regions({"opt": opt, "sar": sar}, mask, channels, {"opt": args.opt_bands, "sar": args.sar_bands},
+                             scaling, args.train_fraction, args.nodata)
     else:
-        data = synthetic_segmentation(args.synthetic_n, size, 200_000, method.encoder.channels)
-    result = run_segmentation(load, data, args.modality, args.finetune_encoder, args.epochs, seeds_of(args),
-                              args.train_fraction)
+        data = synthetic_segmentation(args.synthetic_n, args.synthetic_size or encoder.img_size, 200_000, channels)
+    if args.scene:
+        split, how = SCENE_SPLIT, f"one scene: top {args.train_fraction:.0%} of the rows train, the rest test"
+    else:
+        split, how = choose_split(data, lists, args.train_fraction, args.data or "")
+    result = run_segmentation(load, data, args.modality, recipe, seeds_of(args), split)
     mode = "fine-tuned" if args.finetune_encoder else "frozen"
-    title = (f"segmentation, {args.modality}, {mode} encoder, {args.epochs} epochs, train {result['train_tiles']} / "
-             f"test {result['test_tiles']} tiles, classes {', '.join(result['classes'])}")
+    title = (f"segmentation, {args.head} head, {args.modality}, {mode} encoder, {args.iters} iterations, crop "
+             f"{result['crop']}, {how}: train {result['train_images']} / test {result['test_images']} images, "
+             f"classes {', '.join(result['classes'])}")
+    return finish(title, {**result, "split": how}, args)
+
+
+def cmd_damage(args: argparse.Namespace) -> int:
+    from codemae.eval.damage import DamageProtocol, run_damage
+    from codemae.eval.device import resolve_device
+    from codemae.eval.features import method_to_evaluate
+
+    device = resolve_device(args.device)
+    protocol = DamageProtocol(epochs=args.epochs, batch_size=args.batch_size, crops_per_scene=args.crops_per_scene,
+                              lr=args.lr)
+    load = lambda: method_to_evaluate(  # noqa: E731
+        args.checkpoint, args.random, drop_path=protocol.drop_path).to(device)
+    result = run_damage(load, args.data, protocol, seeds_of(args), args.img_size)
+    scenes = result["scenes"]
+    title = (f"damage assessment (optical pre, SAR post), {protocol.epochs} epochs, window {result['window']}, "
+             f"train {scenes['train']} / val {scenes['val']} / test {scenes['test']} scenes, test %")
+    return finish(title, result, args)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from codemae.data.write_synthetic import write_synthetic
+
+    written = write_synthetic(args.task, args.out, args.n, args.size, args.seed)
+    print(f"wrote {args.n} {args.task} samples of {args.size} px under {args.out}: "
+          f"{', '.join(p.name for p in written)}")
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from codemae.eval.detection import DetectionRecipe, run_detection, schedule
+    from codemae.eval.detection_data import DetectionImages, detection_sets, multiscale_sizes, train_transform
+    from codemae.eval.device import resolve_device
+    from codemae.eval.features import method_to_evaluate
+
+    device = resolve_device(args.device)
+    epochs, milestones = schedule(args.schedule, args.epochs)
+    recipe = DetectionRecipe(epochs=epochs, milestones=milestones, batch_size=args.batch_size, base_lr=args.lr,
+                             fpn_width=args.fpn_width, box_head=args.box_head, rois_per_image=args.rois_per_image)
+    load = lambda seed: method_to_evaluate(args.checkpoint, args.random, seed, recipe.drop_path)  # noqa: E731
+    channels = load(0).encoder.channels
+    if args.modality not in channels:
+        raise ConfigError(f"--modality {args.modality}: the encoder embeds only {', '.join(channels)}")
+    if args.img_size % 32:
+        raise ConfigError(f"--img-size {args.img_size}: must be a multiple of 32 (the FPN's coarsest stride)")
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    train, test = detection_sets(args.data, args.format, args.train_split, args.train, args.test, classes)
+    for note in train.notes:
+        print(note)
+    print(f"train: {len(train.items)} images ({train.background_only} background-only), test: {len(test.items)} "
+          f"images ({test.background_only} background-only); {train.clipped_boxes} boxes clipped to their image")
+    scales = multiscale_sizes(args.img_size) if args.multiscale else None
+    key, c = f"model.{args.modality}_channels", channels[args.modality]
+    train_images = DetectionImages(train, max(scales or [args.img_size]), c, key, transform=train_transform(scales))
+    test_images = DetectionImages(test, args.img_size, c, key)
+    result = run_detection(load, train_images, test_images, args.modality, args.img_size, recipe, seeds_of(args),
+                           progress=True, device=device)
+    result.update(classes=train.classes, train_images=len(train.items), test_images=len(test.items),
+                  epochs=epochs, lr_steps=list(milestones), img_size=args.img_size, split=train.notes)
+    title = (f"detection (Faster R-CNN), {args.modality}, {epochs} epochs (lr steps {list(milestones)}), "
+             f"{args.img_size} px{' multi-scale' if scales else ''}, train {len(train.items)} / test "
+             f"{len(test.items)} images, %")
     return finish(title, result, args)
 
 
@@ -172,13 +436,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from codemae.analysis.collect import collect
     from codemae.analysis.report import Analysis, write_report
+    from codemae.eval.device import resolve_device
     from codemae.eval.features import method_to_evaluate
     from codemae.eval.protocols import paired_source
 
+    device = resolve_device(args.device)
     checkpoints = args.checkpoints if args.command == "compare" else [args.checkpoint]
     analyses, patch = [], 16
     for ckpt in checkpoints:
-        method = method_to_evaluate(ckpt)
+        method = method_to_evaluate(ckpt).to(device)
         source = paired_source(args.pairs, args.split, method.encoder.channels, args.pairs_n)
         patch = method.encoder.patch_size
         name = Path(ckpt).parent.parent.name if Path(ckpt).parent.name == "checkpoints" else Path(ckpt).stem
@@ -189,12 +455,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
+    from codemae.eval.device import resolve_device
     from codemae.eval.features import method_to_evaluate
     from codemae.eval.protocols import paired_source, run_retrieval
     from codemae.eval.report import write_json
     from codemae.eval.retrieval import random_expectation
 
-    method = method_to_evaluate(args.checkpoint, args.random)
+    method = method_to_evaluate(args.checkpoint, args.random).to(resolve_device(args.device))
     result = run_retrieval(method, paired_source(args.pairs, args.split, method.encoder.channels, args.synthetic_n))
     chance = random_expectation(result["pairs"])
     print(f"cross-modal retrieval on {result['pairs']} pairs (chance: R@1 {chance['R@1']:.2f}, "
@@ -219,10 +486,36 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from codemae.export import export_encoder
+    from codemae.export import WEIGHTS, export_encoder
 
-    out = export_encoder(args.checkpoint, args.out)
-    print(f"wrote {out} (encoder.safetensors, config.json); load it with codemae.load_encoder('{out}')")
+    out = export_encoder(args.checkpoint, args.out, args.format, args.modality)
+    how = {"codemae": f"codemae.load_encoder('{out}')", "hf": "codemae.export.ExportedEncoder.from_pretrained",
+           "timm": "timm.create_model(**config.json['timm']) (see README.md)"}[args.format]
+    print(f"wrote {out} ({WEIGHTS[args.format]}, config.json, README.md); load it with {how}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from codemae.eval.device import resolve_device
+    from codemae.eval.embed import embed_folder, embed_scene, embedding_encoder, output_name
+
+    if not Path(args.input).exists() and "://" not in args.input and not args.input.startswith("/vsi"):
+        raise ConfigError(f"--input {args.input}: no such folder or scene")
+    encoder = embedding_encoder(args.checkpoint, resolve_device(args.device))
+    out = Path(args.out)
+    if Path(args.input).is_dir():
+        result = embed_folder(encoder, args.input, args.modality, out, args.batch_size or 32)
+        print(f"embedded {result['images']} images ({result['dim']}-d) to {result['path']}, "
+              f"file names in {result['index']}")
+        return 0
+    tile = args.tile or encoder.encoder.img_size
+    overlap = args.overlap if args.overlap is not None else tile // 2 // encoder.patch_size * encoder.patch_size
+    result = embed_scene(encoder, args.input, args.modality, out / output_name(args.input), tile, overlap,
+                         args.batch_size or 8)
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {result['path']}: {result['dim']} bands on a {result['size'][0]}x{result['size'][1]} patch grid "
+          f"(tile {tile}, overlap {overlap}; {result['nodata_patches']} nodata patches)")
     return 0
 
 
@@ -264,14 +557,21 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from codemae.bench import run_bench
+    from codemae.bench_official import run_against_official
 
-    run_bench(args.backbones, args.img_size, args.batch_size, args.steps, args.threads, args.out, args.workers)
+    if args.against_official:
+        run_against_official(args.against_official, args.img_size, args.batch_size, args.steps, args.threads,
+                             args.compile, args.out)
+        return 0
+    run_bench(args.backbones, args.img_size, args.batch_size, args.steps, args.threads, args.out, args.workers,
+              args.compile)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codemae", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="codemae", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"codemae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
 
     p = sub.add_parser("pretrain", help="pretrain an encoder (one process, or many under torchrun)",
                        description="Pretrain from a YAML config with key=value overrides; resumes "
@@ -290,10 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="only this split (needs a split CSV)")
     p.add_argument("--split-csv", help="split CSV (default <root>/tiles.csv)")
     p.add_argument("--scaling", choices=["auto", "db", "linear"], default="auto", help="SAR (or --kind opt) scaling")
-    p.add_argument("--db-range", type=float, nargs=2, default=(-25.0, 0.0), metavar=("LO", "HI"))
-    p.add_argument("--opt-channels", type=int, default=3)
-    p.add_argument("--sar-channels", type=int, default=1)
-    p.add_argument("--samples", type=int, default=1024, help="at most this many evenly spaced samples")
+    p.add_argument("--db-range", type=finite_float, nargs=2, default=(-25.0, 0.0), metavar=("LO", "HI"))
+    p.add_argument("--opt-channels", type=positive_int, default=3)
+    p.add_argument("--sar-channels", type=positive_int, default=1)
+    p.add_argument("--samples", type=positive_int, default=1024, help="at most this many evenly spaced samples")
     p.add_argument("--out", help="output JSON (default <root>/codemae_stats.json)")
     p.set_defaults(func=cmd_stats)
 
@@ -306,24 +606,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config with data.sources (a pretraining config or a configs/data file)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/datasets/OSPretrain")
     p.add_argument("--pixels", action="store_true", help="decode every image as training would (slow)")
-    p.add_argument("--workers", type=int, default=8, help="threads reading headers")
+    p.add_argument("--workers", type=positive_int, default=8, help="threads reading headers")
     p.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("config", help="config tools: 'config show CONFIG [key=value ...]' prints the resolved config")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    p = config_sub.add_parser("show", help="print the config a run would use, as YAML",
+                              description="The config after its 'base' chain, the overrides and the defaults of "
+                                          "every key not set, validated as pretrain would.")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=10")
+    p.set_defaults(func=cmd_config_show)
 
     p = sub.add_parser("shard", help="convert folder sources into WebDataset tar shards with a manifest",
                        description="Writes <out>/<source>/shard-NNNNNN.tar per source (paired and unpaired apart) "
                                    "and <out>/manifest.json with statistics, counts and SHA-256 checksums.")
     p.add_argument("--source", required=True, help="config whose data.sources to shard")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--samples-per-shard", type=positive_int, default=1000)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/datasets/OSPretrain")
     p.set_defaults(func=cmd_shard)
 
-    p = sub.add_parser("export", help="write a checkpoint's encoder as safetensors + config.json",
-                       description="The weights encode() needs (no optimiser state, no decoders) as "
-                                   "safetensors, loadable with codemae.load_encoder(DIR).")
+    p = sub.add_parser("export", help="write a checkpoint's encoder (codemae, timm or Hugging Face format)",
+                       description="The encoder alone (no optimiser state, decoders or pretraining heads) as "
+                                   "safetensors, with config.json (geometry, channels, band names, the training "
+                                   "normalisation, method, source checkpoint) and a model card README.md. "
+                                   "codemae: codemae.load_encoder(DIR); hf: PyTorchModelHubMixin.from_pretrained; "
+                                   "timm: ViT encoders as timm VisionTransformer weights of one modality.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", choices=["codemae", "timm", "hf"], default="codemae", help="export format")
+    p.add_argument("--modality", choices=["opt", "sar"], default="opt",
+                   help="--format timm: whose patch embedding the timm model gets")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("embed", help="embeddings of a folder of images, or a feature-map GeoTIFF of a scene",
+                       description="A folder: one embedding per image (mean of the final tokens at the encoder's "
+                                   "input size; both: root/opt + root/sar pairs, optical then SAR) to "
+                                   "OUT/embeddings.parquet (with pyarrow) or OUT/embeddings.npy, and OUT/index.csv. "
+                                   "A scene (GeoTIFF, or any GDAL-readable source with the geo extra): "
+                                   "OUT/<scene>_features.tif, one band per feature on the patch grid (same CRS, "
+                                   "transform scaled by the patch size, NaN where a patch is all nodata), "
+                                   "computed window by window with overlap. Pixels are scaled to [0, 1] as "
+                                   "sources' 'auto' scaling does (8-bit / 255, 16-bit / 10000, floats as they are).")
+    p.add_argument("--checkpoint", required=True, help="a pretraining checkpoint or an export folder")
+    p.add_argument("--input", required=True, help="a folder of images, or a scene file")
+    p.add_argument("--modality", choices=["opt", "sar", "both"], required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=positive_int, help="images (folder) or windows (scene) per batch "
+                                                           "(default: 32 / 8)")
+    p.add_argument("--tile", type=positive_int, help="scene window in pixels (default: the encoder's input size)")
+    p.add_argument("--overlap", type=non_negative_int,
+                   help="scene window overlap in pixels, a multiple of the patch size (default: half the tile)")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("convert", help="turn published weights (CoDe-MAE authors', ImageNet iTPN) into codemae's",
                        description="Reads a published file (its 'model' entry; argparse settings allowed, nothing "
@@ -347,9 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", required=True, help="the folder codemae convert wrote")
     p.add_argument("--data", required=True, help="<class>/<image> folders")
     p.add_argument("--modality", choices=["opt", "sar"], required=True)
-    p.add_argument("--mean", type=float, nargs="+", help="the fine-tuning normalisation (default: the data's own)")
-    p.add_argument("--std", type=float, nargs="+")
-    p.add_argument("--centre-crop", type=int, help="centre-crop to this many pixels before resizing")
+    p.add_argument("--mean", type=finite_float, nargs="+",
+                   help="the fine-tuning normalisation (default: the data's own)")
+    p.add_argument("--std", type=positive_float, nargs="+")
+    p.add_argument("--centre-crop", type=positive_int, help="centre-crop to this many pixels before resizing")
     p.add_argument("--out", help="also write the result as JSON here")
     p.set_defaults(func=cmd_classify)
 
@@ -359,83 +696,198 @@ def build_parser() -> argparse.ArgumentParser:
                                    "setting then reads them instead of running the teacher.")
     p.add_argument("--config", required=True, help="the pretraining config (sources and teacher)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.teacher.cache=/data/cache")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    add_device_arg(p)
     p.set_defaults(func=cmd_teacher_cache)
 
-    def encoder_args(p: argparse.ArgumentParser) -> None:
+    def encoder_args(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
         group = p.add_mutually_exclusive_group(required=True)
         group.add_argument("--checkpoint", help="any codemae checkpoint (its config comes with it)")
         group.add_argument("--random", metavar="CONFIG", help="a randomly initialised encoder of this config (the floor)")
         p.add_argument("--out", help="write the results as JSON here")
+        add_device_arg(p)
+        return group
 
-    def labelled_args(p: argparse.ArgumentParser) -> None:
-        encoder_args(p)
-        p.add_argument("--data", required=True,
+    def labelled_args(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+        group = encoder_args(p)
+        p.add_argument("--data",
                        help="class-folder tree (<class>/<image>), a paired folder with --labels, or 'synthetic'")
+        for part, what in (("train", "training"), ("test", "test"), ("val", "validation (optional)")):
+            p.add_argument(f"--{part}", metavar="DIR|LIST",
+                           help=f"the dataset's own {what} set: a folder laid out like --data, or a split-list "
+                                "file of sample paths relative to --data (one a line); without --train/--test, "
+                                "--data is re-split 60/20/20 (stratified, seed 0)")
         p.add_argument("--labels", help="CSV stem,label (';'-separated labels: multi-label) for a paired folder")
         p.add_argument("--masks", help="folder of per-pixel label rasters (same stems) for a paired folder: "
                                        "multi-label by the 10%%-of-pixels rule")
         p.add_argument("--nodata", type=int, default=-1, help="label value to ignore in --masks")
         p.add_argument("--modality", choices=["opt", "sar", "both"], default="opt")
-        p.add_argument("--shots", type=int, default=10, help="K-shot training set (0: the whole training pool)")
+        p.add_argument("--shots", type=non_negative_int,
+                       help="K-shot training set (0: the whole training set; default: 10 on the re-split, 0 "
+                            "with --train)")
         p.add_argument("--kshot", choices=["balanced", "random"], default="balanced",
                        help="K per class, or K x classes at random (the reference code's 'K-shot')")
-        p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1, each with its own K-shot draw")
-        p.add_argument("--centre-crop", type=int, help="centre-crop to this many pixels before resizing")
-        p.add_argument("--synthetic-n", type=int, default=400, help="scenes for --data synthetic")
-        p.add_argument("--synthetic-size", type=int, default=96)
+        p.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1, each with its own K-shot draw")
+        p.add_argument("--centre-crop", type=positive_int, help="centre-crop to this many pixels before resizing")
+        p.add_argument("--synthetic-n", type=positive_int, default=400, help="scenes for --data synthetic")
+        p.add_argument("--synthetic-size", type=positive_int, default=96)
         p.add_argument("--multilabel", action="store_true",
                        help="synthetic: classes covering >= 10%% of pixels instead of the dominant class")
+        return group
 
     p = sub.add_parser("probe", help="linear probe on frozen features (honest and reference protocols)",
                        description="The paper's linear probe: frozen encoder, mean-pooled tokens, LN -> "
                                    "BatchNorm1d (no affine) -> Linear, SGD lr 0.5, 50 epochs, cosine. Reports the "
-                                   "honest protocol (epoch chosen on validation, test evaluated once) and the "
-                                   "reference one (best test epoch), mean +- std over seeds.")
+                                   "honest protocol (epoch chosen on validation, or the last without one; test "
+                                   "evaluated once) and the reference one (best of the test evaluations every 5 "
+                                   "epochs), mean +- std over seeds; weighted P/R/F1 (single-label) or macro mAP.")
     labelled_args(p)
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--protocol", choices=["codemae-linear", "fusmae-linear"], default="codemae-linear",
+                   help="codemae-linear: the above; fusmae-linear: Fus-MAE's linear evaluation (plain Linear "
+                        "head, AdamW, 20 epochs, batch 128, 1%% of the training labels)")
+    p.add_argument("--epochs", type=positive_int, help="override the protocol's epochs (50 / 20)")
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("knn", help="k-NN accuracy on frozen features")
     labelled_args(p)
-    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--k", type=positive_int, default=20)
     p.set_defaults(func=cmd_knn)
 
-    p = sub.add_parser("finetune", help="few-shot fine-tuning of the whole encoder (SAR target / optical scene)",
-                       description="Fine-tunes encoder + BatchNorm + linear head per seed on its own K-shot draw "
-                                   "(AdamW, layer-wise lr decay, drop path); test accuracy after the last epoch.")
-    labelled_args(p)
-    p.add_argument("--protocol", choices=["sar-target", "optical-scene"], default="sar-target")
-    p.add_argument("--epochs", type=int, help="override the protocol's epochs (for quick checks)")
+    p = sub.add_parser("finetune", help="fine-tuning of the whole encoder by the published recipes",
+                       description="Fine-tunes encoder + fc_norm [+ BatchNorm] + linear head per seed on its own "
+                                   "K-shot draw (AdamW, layer-wise lr decay, drop path; the optical recipe adds "
+                                   "RandAugment, mixup/cutmix, RandomErasing). Reports the honest result (validation-"
+                                   "selected, or the last epoch) and the reference one (best of the test "
+                                   "evaluations at epoch 1 and every 5 epochs).")
+    labelled_args(p).add_argument("--cnn", type=positive_int, metavar="PX",
+                                  help="a small CNN trained from scratch at this input size instead of an encoder "
+                                       "(the practitioner's baseline, same K-shot draws and recipe)")
+    p.add_argument("--protocol", choices=["sar-target", "sar-acd", "optical-scene", "multilabel"],
+                   default="sar-target", help="the published recipe (docs/protocols.md)")
+    p.add_argument("--layer-decay", type=positive_float,
+                   help="override the protocol's layer-wise lr decay (AID 0.85, RESISC45 0.95)")
+    p.add_argument("--epochs", type=positive_int, help="override the protocol's epochs (for quick checks)")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("segment", help="segmentation with a UperNet-style head on the feature pyramid (mIoU)",
-                       description="Trains a light UperNet-style head on the encoder's pyramid levels (frozen, or "
-                                   "fine-tuned with --finetune-encoder) on synthetic scenes or on the tiles of one "
-                                   "co-registered scene (top part train, bottom part test); mIoU ignores no-data.")
+    p = sub.add_parser("split-lists", help="write a seeded, class-stratified split of a class-folder tree as lists",
+                       description="Writes <out>/train.txt, val.txt and test.txt (image paths relative to --data, "
+                                   "one a line; a zero fraction writes no list) for --train/--val/--test of probe, "
+                                   "knn and finetune, when a dataset has no official split of its own.")
+    p.add_argument("--data", required=True, help="class-folder tree (<class>/<image>)")
+    p.add_argument("--out", required=True, help="folder for the lists (keep it out of the repository, e.g. runs/)")
+    p.add_argument("--fractions", type=float, nargs=3, default=[0.6, 0.2, 0.2], metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.set_defaults(func=cmd_split_lists)
+
+    p = sub.add_parser("segment", help="segmentation with an UperNet (or light) head on the feature pyramid (mIoU)",
+                       description="Trains a segmentation head (mmseg's UperNet on strides 4-32, or the light head) "
+                                   "on the encoder's pyramid, frozen or fine-tuned (--finetune-encoder) with the "
+                                   "papers' LoveDA recipe: AdamW, layer-wise lr decay, drop path, warm-up + poly "
+                                   "schedule, random crops; tests by sliding windows. Data: synthetic scenes, one "
+                                   "co-registered scene (top rows train, the rest test) or a paired folder with "
+                                   "label rasters and optional split lists. Statistics from the training images "
+                                   "only; mIoU ignores no-data.")
     encoder_args(p)
     p.add_argument("--scene", nargs=3, metavar=("OPT", "SAR", "MASK"), help="one scene's files (default: synthetic)")
     p.add_argument("--data", help="a paired folder, with --masks: a folder of label rasters of the same stems")
     p.add_argument("--masks", help="label rasters for --data")
+    p.add_argument("--train", metavar="LIST", help="split list (one stem per line) of the training images of --data")
+    p.add_argument("--test", metavar="LIST", help="split list of the test images (with --train)")
+    p.add_argument("--val", metavar="LIST", help="optional split list of validation images (mIoU reported beside)")
     p.add_argument("--modality", choices=["opt", "sar", "both"], default="both")
-    p.add_argument("--tile", type=int, help="tile size in pixels (default: the model's input size)")
-    p.add_argument("--opt-bands", type=int, nargs="+", help="optical band indices, e.g. 3 2 1 for S2 RGB")
-    p.add_argument("--sar-bands", type=int, nargs="+", help="SAR band indices, e.g. 1 for VH")
-    p.add_argument("--opt-max", type=float, default=10000.0, help="integer optical values / this -> [0, 1]")
-    p.add_argument("--sar-db", type=float, nargs=2, default=[-25.0, 0.0], metavar=("LO", "HI"))
+    p.add_argument("--opt-bands", type=non_negative_int, nargs="+",
+                   help="optical band indices, e.g. 3 2 1 for S2 RGB")
+    p.add_argument("--sar-bands", type=non_negative_int, nargs="+", help="SAR band indices, e.g. 1 for VH")
+    p.add_argument("--opt-max", type=positive_float, default=10000.0, help="integer optical values / this -> [0, 1]")
+    p.add_argument("--sar-db", type=finite_float, nargs=2, default=[-25.0, 0.0], metavar=("LO", "HI"))
     p.add_argument("--nodata", type=int, default=-1, help="label value to ignore")
-    p.add_argument("--finetune-encoder", action="store_true")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--train-fraction", type=float, default=0.5)
-    p.add_argument("--synthetic-n", type=int, default=80)
+    p.add_argument("--head", choices=["upernet", "light"], default="light",
+                   help="decode head: light (default; 64 channels, 15-30x faster on CPU) or upernet (the papers' "
+                        "head, mmseg's UPerHead, 512 channels)")
+    p.add_argument("--channels", type=positive_int, help="head width (default: 512 upernet, 64 light)")
+    p.add_argument("--aux-head", action="store_true", help="mmseg's auxiliary FCN head on stride 16, loss x 0.4")
+    p.add_argument("--finetune-encoder", action="store_true", help="train the encoder too (the papers' protocol)")
+    p.add_argument("--lr", type=positive_float, default=3e-5, help="base learning rate (LoveDA: 3e-5)")
+    p.add_argument("--layer-decay", type=positive_float, default=0.85, help="layer-wise lr decay (LoveDA: 0.85)")
+    p.add_argument("--weight-decay", type=finite_float, default=0.05)
+    p.add_argument("--drop-path", type=finite_float, default=0.15, help="encoder drop path when fine-tuned")
+    p.add_argument("--iters", type=positive_int, default=10_000, help="training iterations (LoveDA: 10k)")
+    p.add_argument("--warmup-iters", type=non_negative_int, default=500, help="linear warm-up iterations")
+    p.add_argument("--power", type=positive_float, default=1.0, help="poly schedule power")
+    p.add_argument("--min-lr", type=finite_float, default=0.0, help="poly schedule floor")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="crops per iteration (LoveDA: 8 GPUs x 2)")
+    p.add_argument("--crop", type=positive_int, default=512,
+                   help="training crop and test window in px (lowered to the smallest training image)")
+    p.add_argument("--stride", type=positive_int, help="sliding-window stride (default: half the crop)")
+    p.add_argument("--seeds", type=positive_int, default=3)
+    p.add_argument("--train-fraction", type=fraction, default=0.5,
+                   help="without split lists: the first fraction of the samples (of a scene's rows) trains")
+    p.add_argument("--synthetic-n", type=positive_int, default=80)
+    p.add_argument("--synthetic-size", type=positive_int, help="synthetic scene size (default: the model's input)")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("damage", help="bi-temporal building damage assessment, optical pre / SAR post (BRIGHT)",
+                       description="Fine-tunes a Siamese model (the shared encoder on the optical pre-event and the "
+                                   "SAR post-event image, per-level fusion, FPN head; layer-wise lr decay) on the "
+                                   "train list of a BRIGHT-layout folder, predicts val and test scenes by sliding "
+                                   "windows and reports mIoU, per-class IoU and the xView2 F1 scores (docs/damage.md).")
+    encoder_args(p)
+    p.add_argument("--data", required=True, help="folder with pre-event/, post-event/, target/ and train/val/test.txt")
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--seeds", type=positive_int, default=3)
+    p.add_argument("--img-size", type=positive_int, help="crop / window size (default: the encoder's input size)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--crops-per-scene", type=positive_int, default=4, help="random training crops per scene and epoch")
+    p.add_argument("--lr", type=positive_float, default=5e-4, help="peak lr of the decoder (encoder layers decayed)")
+    p.set_defaults(func=cmd_damage)
+
+    p = sub.add_parser("synth", help="write generated data in the layout a task reads (e.g. --task damage)",
+                       description="damage: bi-temporal optical-before / SAR-after pairs with damage labels in the "
+                                   "BRIGHT layout and train/val/test lists; scenes: paired opt/ sar/ PNGs with "
+                                   "land-cover labels/. Deterministic by --seed.")
+    p.add_argument("--task", choices=["damage", "scenes"], required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=positive_int, default=40, help="number of scenes")
+    p.add_argument("--size", type=positive_int, default=128, help="scene size in pixels")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the first scene (scene i uses seed + i)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("detect", help="object detection: Faster R-CNN on the encoder's pyramid (mAP, VOC / COCO)",
+                       description="Fine-tunes torchvision's Faster R-CNN on the encoder turned into an FPN (HiViT: "
+                                   "the iTPN levels at strides 4, 8, 16, pooled to 32; ViT: a simple feature pyramid) "
+                                   "with layer-wise lr decay and drop path, per seed; COCO-style mAP50, mAP50:95 and "
+                                   "per-class AP50 on the test list (docs/detection.md).")
+    encoder_args(p)
+    p.add_argument("--data", required=True, help="VOC: the folder with Annotations/, JPEGImages/, ImageSets/Main/; "
+                                                 "COCO: the folder the file_names are relative to")
+    p.add_argument("--format", choices=["voc", "coco"], default="voc")
+    p.add_argument("--modality", choices=["opt", "sar"], required=True, help="the patch embedding the images go through")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--train-split", metavar="NAME", help="VOC: ImageSets/Main/NAME.txt (default trainval)")
+    split.add_argument("--train", metavar="LIST", help="VOC: a list file of image ids; COCO: the training JSON")
+    p.add_argument("--test", metavar="LIST", help="VOC: a list file of image ids; COCO: the test JSON (default: a "
+                                                  "fixed seeded 80/20 split of the training list, flip twins together)")
+    p.add_argument("--classes", help="comma-separated class names (default: COCO categories, else the training "
+                                     "set's names sorted)")
+    p.add_argument("--schedule", choices=["1x", "3x"], default="1x", help="12 epochs, lr steps 8, 11 / 36 epochs, 27, 33")
+    p.add_argument("--epochs", type=positive_int, help="run this many epochs, the lr steps scaled to it")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 (init and shuffling; the split is fixed)")
+    p.add_argument("--img-size", type=positive_int, default=512, help="square input size, a multiple of 32")
+    p.add_argument("--multiscale", action="store_true", help="train at a random size of 0.75-1.25 x --img-size")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--lr", type=positive_float, default=3e-4, help="peak lr at batch 16, scaled linearly to the batch")
+    p.add_argument("--fpn-width", type=positive_int, default=256, help="FPN channels")
+    p.add_argument("--box-head", choices=["4conv1fc", "2fc"], default="4conv1fc",
+                   help="the authors' 4-conv + 1-fc box head, or torchvision's cheaper 2-fc one")
+    p.add_argument("--rois-per-image", type=positive_int, default=512, help="RoIs sampled per image for the box head")
+    p.set_defaults(func=cmd_detect)
 
     def analysis_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--pairs", required=True, help="paired folder (opt/, sar/, optional tiles.csv), or 'synthetic'")
         p.add_argument("--split", help="only this split of the pairs' split CSV")
-        p.add_argument("--pairs-n", type=int, default=200, help="at most this many pairs")
+        p.add_argument("--pairs-n", type=positive_int, default=200, help="at most this many pairs")
         p.add_argument("--out", required=True, help="folder for index.html, the PNGs and report.json")
+        add_device_arg(p)
 
     p = sub.add_parser("analyze", help="mechanism analyses of one checkpoint as PNGs and an HTML report",
                        description="Singular value spectrum and effective rank (optical, SAR, joint), paired "
@@ -457,7 +909,7 @@ def build_parser() -> argparse.ArgumentParser:
     encoder_args(p)
     p.add_argument("--pairs", required=True, help="paired folder (opt/, sar/, optional tiles.csv), or 'synthetic'")
     p.add_argument("--split", help="only this split of the pairs' split CSV")
-    p.add_argument("--synthetic-n", type=int, default=200, help="pairs for --pairs synthetic")
+    p.add_argument("--synthetic-n", type=positive_int, default=200, help="pairs for --pairs synthetic")
     p.set_defaults(func=cmd_retrieval)
 
     p = sub.add_parser("bench", help="training throughput, step time, memory and FLOP/s utilisation",
@@ -466,17 +918,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "same device, and times the data pipeline alone with 0, 1 and 2 workers. On a "
                                    "GPU also bf16 and CUDA peak memory.")
     p.add_argument("--backbones", nargs="+", default=["vit_tiny", "hivit_tiny"])
-    p.add_argument("--img-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32, help="pairs per step")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--workers", type=int, default=2, help="loader workers feeding the timed steps")
+    p.add_argument("--img-size", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="pairs per step")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="loader workers feeding the timed steps")
     p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--compile", action="store_true", help="torch.compile codemae's transformer blocks (train.compile)")
+    p.add_argument("--against-official", metavar="MAE_SRC_DIR",
+                   help="instead: time the official MAE (facebookresearch/mae models_mae.py in this local folder; "
+                        "needs timm) against codemae's joint MAE at equal work, the ViT-Tiny/16 config of "
+                        "--img-size with 2 x --batch-size images, alternating --steps rounds in this process")
     p.set_defaults(func=cmd_bench)
     return parser
 
 
-FOLDER_OUTPUTS = ("analyze", "compare", "export", "shard")
+FOLDER_OUTPUTS = ("analyze", "compare", "export", "shard", "synth", "embed", "split-lists")
 
 
 def check_output(path: str, folder: bool) -> None:

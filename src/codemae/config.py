@@ -10,6 +10,7 @@ strings in them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -247,6 +248,7 @@ class MethodConfig:
 class TrainConfig:
     epochs: int = 800
     max_steps: Optional[int] = None
+    max_minutes: Optional[float] = None  # stop (and checkpoint) once this process has trained this long
     warmup_epochs: float = 15.0
     base_lr: float = 1.5e-4
     min_lr: float = 0.0
@@ -254,7 +256,8 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     accum_steps: int = 1
     clip_grad: Optional[float] = None
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on a CPU
+    compile: bool = False  # torch.compile the transformer blocks (eager, with the reason logged, where it cannot)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
     dist_timeout_s: int = 600  # a collective waiting this long for a dead or hung peer fails the run
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -379,6 +382,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0", cfg.train.warmup_epochs)
     _require(cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps", "must be positive",
              cfg.train.max_steps)
+    _require(cfg.train.max_minutes is None or (math.isfinite(cfg.train.max_minutes) and cfg.train.max_minutes > 0),
+             "train.max_minutes", "must be a positive number (or unset)", cfg.train.max_minutes)
     _require(0.0 <= cfg.model.drop_path < 1.0, "model.drop_path", "must be in [0, 1)", cfg.model.drop_path)
     crops = (("data.crop_scale", cfg.data.crop_scale, 1.0), ("data.crop_ratio", cfg.data.crop_ratio, None))
     for key, pair, upper in crops:
@@ -514,9 +519,35 @@ def from_dict(cls: type, raw: Any, where: str = "") -> Any:
     for key in raw:
         if key not in names:
             full = f"{where}.{key}" if where else str(key)
-            raise ConfigError(f"unknown config key '{shown(full)[1:-1]}'")
+            near = nearest_key(cls, str(key))
+            hint = f" (did you mean {where + '.' if where else ''}{near}?)" if near else ""
+            raise ConfigError(f"unknown config key '{shown(full)[1:-1]}'{hint}")
     kwargs = {key: _convert(hints[key], value, f"{where}.{key}" if where else key) for key, value in raw.items()}
     return cls(**kwargs)
+
+
+def schema_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of dataclass ``cls``, nested sections included (list items not)."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += schema_keys(hints[f.name], f"{prefix}{f.name}.")
+    return keys
+
+
+def nearest_key(cls: type, key: str) -> str | None:
+    """The valid key of ``cls`` closest to a misspelt ``key``: a sibling (``epoch`` -> ``epochs``), else a
+    key of a nested section with that name (``epochs`` at the top -> ``train.epochs``); None if none is close."""
+    near = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(cls)], n=1)
+    if near:
+        return near[0]
+    leaves: dict[str, str] = {}
+    for dotted in schema_keys(cls):
+        leaves.setdefault(dotted.rsplit(".", 1)[-1], dotted)
+    near = difflib.get_close_matches(key, list(leaves), n=1)
+    return leaves[near[0]] if near else None
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

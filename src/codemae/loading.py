@@ -18,7 +18,8 @@ from codemae.config import Config, MethodConfig, TeacherConfig, from_dict, valid
 from codemae.data.pipeline import TeacherFeatures
 from codemae.data.teacher_cache import TeacherFeatureCache
 from codemae.errors import ConfigError, DataError
-from codemae.methods import PretrainMethod, build_method
+from codemae.methods import METHODS, PretrainMethod, build_method
+from codemae.models.backbone import Encoder
 from codemae.models.teacher import TEACHERS, Teacher
 from codemae.models.vit import VIT_SIZES
 
@@ -100,11 +101,22 @@ def method_from_state(state: dict, where: str, drop_path: float | None = None) -
 
 def method_from_config(raw: dict, drop_path: float | None = None) -> PretrainMethod:
     """A freshly built method from a stored (plain-data) config, validated like a user's."""
+    return build_method(config_from_dict(raw, drop_path))
+
+
+def encoder_from_config(raw: dict) -> Encoder:
+    """The encoder alone (no decoders, no heads) of a stored config's method, freshly built."""
+    cfg = config_from_dict(raw)
+    return METHODS[cfg.method.name].build_encoder(cfg)
+
+
+def config_from_dict(raw: dict, drop_path: float | None = None) -> Config:
+    """A stored (plain-data) config, validated like a user's; ``drop_path`` overrides the model's."""
     cfg = from_dict(Config, raw)
     if drop_path is not None:
         cfg.model.drop_path = drop_path
     validate(cfg)
-    return build_method(cfg)
+    return cfg
 
 
 class CheckpointTeacher(Teacher):

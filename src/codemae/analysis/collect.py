@@ -12,6 +12,7 @@ from torch import Tensor
 from codemae.analysis.measures import patch_alignment, patch_ssim
 from codemae.data.sources import Source
 from codemae.data.stats import compute_stats
+from codemae.eval.device import inference_autocast, module_device
 from codemae.methods import PretrainMethod
 from codemae.methods.cdr_targets import grayscale
 
@@ -43,9 +44,10 @@ def unit_images(source: Source, count: int, size: int) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def collect(method: PretrainMethod, source: Source, count: int = 200, batch: int = 50, seed: int = 0) -> Collected:
-    """Encode each modality of each pair on its own (no masking); SSIM on the [0, 1] inputs
-    (grayscale optical vs SAR channel mean), in the model's patches."""
+    """Encode each modality of each pair on its own (no masking), where the method is (bf16 autocast on
+    CUDA); SSIM on the [0, 1] inputs (grayscale optical vs SAR channel mean), in the model's patches."""
     method.eval()
+    device = module_device(method)
     encoder = method.encoder
     units = unit_images(source, count, encoder.img_size)
     stats = compute_stats(source, 256, np.arange(min(count, len(source))))
@@ -53,12 +55,15 @@ def collect(method: PretrainMethod, source: Source, count: int = 200, batch: int
     pooled: dict[str, list[Tensor]] = {"opt": [], "sar": []}
     aligned = []
     for start in range(0, len(inputs["opt"]), batch):
-        tokens = {m: method.encode({m: x[start : start + batch]})[m] for m, x in inputs.items()}
+        with inference_autocast(device):
+            tokens = {m: method.encode({m: x[start : start + batch].to(device)})[m] for m, x in inputs.items()}
+        tokens = {m: t.float().cpu() for m, t in tokens.items()}
         for m in pooled:
             pooled[m].append(tokens[m].mean(1))
         aligned.append(patch_alignment(tokens["opt"], tokens["sar"]))
     ssim = patch_ssim(grayscale(units["opt"]), units["sar"].mean(1, keepdim=True), encoder.patch_size)
     torch.manual_seed(seed)
-    recon = {} if method.encoder_only else method.reconstruct({m: x[:RECONSTRUCTED] for m, x in inputs.items()})
-    return Collected(torch.cat(pooled["opt"]), torch.cat(pooled["sar"]), torch.cat(aligned), ssim,
-                     {m: x[:RECONSTRUCTED] for m, x in inputs.items()}, recon)
+    shown = {m: x[:RECONSTRUCTED] for m, x in inputs.items()}
+    recon = {} if method.encoder_only else method.reconstruct({m: x.to(device) for m, x in shown.items()})
+    return Collected(torch.cat(pooled["opt"]), torch.cat(pooled["sar"]), torch.cat(aligned), ssim, shown,
+                     {k: v.cpu() for k, v in recon.items()})

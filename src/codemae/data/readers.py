@@ -28,6 +28,7 @@ MAX_BANDS = 64  # a leading axis no longer than this, before a longer one, is a 
 CONVERTED_TO_RGB = ("P", "PA", "RGBA", "CMYK", "YCbCr")  # Pillow modes read as RGB (LA: as L)
 MAX_PIXELS = 1 << 27  # height x width x bands above this is refused as a decompression bomb
 EXIF_ORIENTATION = 0x0112
+GDAL_NODATA = 42113  # the TIFF tag GDAL keeps a raster's nodata value in (ASCII)
 MAX_DECODED_BYTES = 1 << 30  # and so is a TIFF whose decoded array would exceed 1 GiB
 BAND_NAMES = {  # default names by band count: Sentinel-2 L1C / L2A, Sentinel-1 dual-pol
     13: ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"],
@@ -50,10 +51,15 @@ class Header:
 
 def read_image(path: ImageFile, name: str | None = None) -> np.ndarray:
     """Read a file (path, or its bytes with ``name`` for messages) as an (H, W, C) array in its stored dtype."""
+    return read_raster(path, name)[0]
+
+
+def read_raster(path: ImageFile, name: str | None = None) -> tuple[np.ndarray, float | None]:
+    """:func:`read_image` and the file's nodata value (a TIFF's GDAL_NODATA tag; None if it has none)."""
     with _opened(path, name) as (f, label):
         tiff = f.read(4) in TIFF_MAGIC
-        array = _read_tiff(f, label) if tiff else _read_pillow(f, label)
-    return _bands_last(array, label, band_first_possible=tiff)
+        array, nodata = _read_tiff(f, label) if tiff else (_read_pillow(f, label), None)
+    return _bands_last(array, label, band_first_possible=tiff), nodata
 
 
 def read_header(path: ImageFile, name: str | None = None) -> Header:
@@ -125,7 +131,9 @@ def _check_size(pixels: int, label: str) -> None:
                         "(a decompression bomb, or a scene to tile before training)")
 
 
-def _read_tiff(f: BinaryIO, label: str) -> np.ndarray:
+def _read_tiff(f: BinaryIO, label: str) -> tuple[np.ndarray, float | None]:
+    """The decoded first series (any compression imagecodecs reads: LZW, JPEG, deflate, ZSTD, ...) and
+    its nodata value."""
     f.seek(0)
     try:
         with tifffile.TiffFile(f) as tif:
@@ -135,7 +143,7 @@ def _read_tiff(f: BinaryIO, label: str) -> np.ndarray:
             if decoded > MAX_DECODED_BYTES:
                 raise DataError(f"{label}: decodes to {decoded} bytes, over the {MAX_DECODED_BYTES}-byte limit "
                                 "(a decompression bomb, or a scene to tile before training)")
-            return tif.asarray()
+            return tif.asarray(), tiff_nodata(tif)
     except DataError:
         raise
     except Exception as err:  # tifffile raises many types for broken files
@@ -171,6 +179,27 @@ def _read_pillow(f: BinaryIO, label: str) -> np.ndarray:
             raise DataError(f"{label}: corrupt or truncated image ({err})") from err
 
 
+def valid_pixels(values: np.ndarray, nodata: float | None) -> np.ndarray:
+    """(h, w) True where no band holds ``nodata`` (NaN counts as nodata in float rasters)."""
+    invalid = np.zeros(values.shape[:2], dtype=bool)
+    if np.issubdtype(values.dtype, np.floating):
+        invalid |= np.isnan(values).any(2)
+    if nodata is not None and not np.isnan(nodata):
+        invalid |= (values == nodata).any(2)
+    return ~invalid
+
+
+def tiff_nodata(tif: tifffile.TiffFile) -> float | None:
+    """The GDAL_NODATA value of a TIFF's first page, or None."""
+    tag = tif.pages[0].tags.get(GDAL_NODATA)
+    if tag is None:
+        return None
+    try:
+        return float(str(tag.value).strip("\x00 "))
+    except ValueError:
+        return None
+
+
 def band_indices(bands: list[str], names: list[str], count: int, label: str) -> list[int]:
     """Band picks (indices as digit strings, or names) as indices into a file of ``count`` bands."""
     names = names or BAND_NAMES.get(count, [])
@@ -189,8 +218,16 @@ def band_indices(bands: list[str], names: list[str], count: int, label: str) -> 
     return out
 
 
-def to_unit_range(array: np.ndarray, scaling: ScalingConfig, path: str | Path) -> np.ndarray:
-    """Map raw pixel values to float32 in [0, 1] according to ``scaling``."""
+def to_unit_range(array: np.ndarray, scaling: ScalingConfig, path: str | Path,
+                  valid: np.ndarray | None = None) -> np.ndarray:
+    """Map raw pixel values to float32 in [0, 1] according to ``scaling``; pixels outside the (H, W) mask
+    ``valid`` (nodata) become NaN in every band, and their values are not checked or scaled."""
+    if valid is not None and not valid.any():
+        return np.full(array.shape[:2] + (array.shape[2],), np.nan, dtype=np.float32)
+    if valid is not None and not valid.all():
+        unit = to_unit_range(np.where(valid[:, :, None], array, array[valid][:1]), scaling, path)
+        unit[~valid] = np.nan
+        return unit
     if scaling.dtype and array.dtype.name != scaling.dtype:
         raise DataError(f"{path}: pixels are {array.dtype.name} but the source's scaling expects {scaling.dtype}")
     x = array.astype(np.float32)
@@ -231,15 +268,20 @@ def match_channels(array: np.ndarray, channels: int, path: str | Path, key: str)
 
 def load_unit_image(path: ImageFile, scaling: ScalingConfig, channels: int, key: str,
                     bands: list[int] | None = None, name: str | None = None) -> np.ndarray:
-    """Read one file (or its bytes, called ``name``) as a float32 (H, W, C) array in [0, 1] (see :func:`unit_array`)."""
-    return unit_array(read_image(path, name), scaling, channels, name or str(path), key, bands)
+    """Read one file (or its bytes, called ``name``) as a float32 (H, W, C) array in [0, 1], NaN at its
+    nodata pixels (see :func:`unit_array`)."""
+    array, nodata = read_raster(path, name)
+    valid = valid_pixels(array, nodata) if nodata is not None else None
+    return unit_array(array, scaling, channels, name or str(path), key, bands, valid)
 
 
 def unit_array(array: np.ndarray, scaling: ScalingConfig, channels: int, path: str | Path, key: str,
-               bands: list[int] | None = None) -> np.ndarray:
-    """Keep ``bands`` (indices, all if None), match ``channels`` and scale to [0, 1]; errors name ``path``."""
+               bands: list[int] | None = None, valid: np.ndarray | None = None) -> np.ndarray:
+    """Keep ``bands`` (indices, all if None), match ``channels`` and scale to [0, 1]; errors name ``path``.
+    Pixels outside ``valid`` (nodata, see :func:`valid_pixels`) are NaN in every band: ignored by the
+    statistics, filled with the normalisation mean before resampling (:meth:`Normalisation.fill_nodata`)."""
     if bands:
         if max(bands) >= array.shape[2]:
             raise DataError(f"{path}: has {array.shape[2]} bands, band index {max(bands)} asked for")
         array = array[:, :, bands]
-    return to_unit_range(match_channels(array, channels, path, key), scaling, path)
+    return to_unit_range(match_channels(array, channels, path, key), scaling, path, valid)

@@ -15,7 +15,8 @@ import numpy as np
 
 from codemae.config import SourceConfig
 from codemae.data.listing import Listing, list_source, source_name, source_root
-from codemae.data.readers import band_indices, read_header, read_image, unit_array
+from codemae.data.rasters import open_scene, rasterio
+from codemae.data.readers import TIFF_MAGIC, band_indices, read_header, read_raster, unit_array, valid_pixels
 from codemae.data.synthetic import generate_scene
 from codemae.errors import DataError
 
@@ -58,6 +59,7 @@ class FolderSource(Source):
         self.files = listing.files
         self.tiles = self._tiles(listing) if cfg.tile else [(i, 0, 0) for i in range(len(listing.files))]
         self.stems = [listing.stems[i] + (f"@{y}_{x}" if cfg.tile else "") for i, y, x in self.tiles]
+        self._decoded: dict[str, tuple[Path, np.ndarray]] = {}
 
     def _tiles(self, listing: Listing) -> list[tuple[int, int, int]]:
         """(file, top, left) of every full tile, from the image headers."""
@@ -72,17 +74,30 @@ class FolderSource(Source):
     def __len__(self) -> int:
         return len(self.tiles)
 
+    def window(self, modality: str, path: Path, box: tuple[int, int, int, int]) -> np.ndarray:
+        """One tile: a windowed read of a TIFF with the ``geo`` extra (rasterio), else a crop of the
+        decoded image, of which each worker keeps the last one per modality (so a scene's consecutive
+        tiles decode it once)."""
+        if rasterio is not None and is_tiff(path):
+            return load_source_window(self.cfg, self.channels, modality, path, box)
+        if self._decoded.get(modality, (None,))[0] != path:
+            self._decoded[modality] = (path, load_source_image(self.cfg, self.channels, modality, path))
+        top, left, height, width = box
+        return self._decoded[modality][1][top:top + height, left:left + width]
+
     def load(self, index: int) -> dict[str, np.ndarray]:
         file, top, left = self.tiles[index]
         files = self.files[file]
-        arrays = {m: load_source_image(self.cfg, self.channels, m, path) for m, path in files.items()}
+        if self.cfg.tile:
+            size = self.cfg.tile
+            arrays = {m: self.window(m, path, (top, left, size, size)) for m, path in files.items()}
+        else:
+            arrays = {m: load_source_image(self.cfg, self.channels, m, path) for m, path in files.items()}
         if self.paired and arrays["opt"].shape[:2] != arrays["sar"].shape[:2]:
             raise DataError(
                 f"pair '{self.stems[index]}': optical {files['opt']} is {_size(arrays['opt'])} "
                 f"but SAR {files['sar']} is {_size(arrays['sar'])}"
             )
-        if self.cfg.tile:
-            arrays = {m: a[top : top + self.cfg.tile, left : left + self.cfg.tile] for m, a in arrays.items()}
         return arrays
 
 class SyntheticSource(Source):
@@ -114,12 +129,25 @@ def load_source_image(cfg: SourceConfig, channels: dict[str, int], modality: str
                       name: str | None = None) -> np.ndarray:
     """One image of ``modality`` (a path, or bytes called ``name``) as [0, 1] values with the
     source's band picks, the configured channel count and the source's scaling."""
-    raw = read_image(path, name)
+    raw, nodata = read_raster(path, name)
     label = name or str(path)
     picks = getattr(cfg, f"{modality}_bands")
     bands = band_indices(picks, getattr(cfg, f"{modality}_band_names"), raw.shape[2], label) if picks else None
+    valid = valid_pixels(raw, nodata) if nodata is not None else None
     return unit_array(raw, getattr(cfg, SCALING_KEYS[modality]), channels[modality], label,
-                      CHANNEL_KEYS[modality], bands)
+                      CHANNEL_KEYS[modality], bands, valid)
+
+
+def load_source_window(cfg: SourceConfig, channels: dict[str, int], modality: str, path: Path,
+                       box: tuple[int, int, int, int]) -> np.ndarray:
+    """The (top, left, height, width) ``box`` of one image read by window (rasterio), as
+    :func:`load_source_image` reads the whole image."""
+    with open_scene(path) as scene:
+        raw, valid = scene.read(*box)
+    picks = getattr(cfg, f"{modality}_bands")
+    bands = band_indices(picks, getattr(cfg, f"{modality}_band_names"), raw.shape[2], str(path)) if picks else None
+    return unit_array(raw, getattr(cfg, SCALING_KEYS[modality]), channels[modality], str(path),
+                      CHANNEL_KEYS[modality], bands, None if valid.all() else valid)
 
 
 def build_source(cfg: SourceConfig, channels: dict[str, int], data_root: str = "") -> Source:
@@ -130,6 +158,11 @@ def build_source(cfg: SourceConfig, channels: dict[str, int], data_root: str = "
     if len(source) == 0:
         raise DataError(f"source '{source.name}': no samples (root {cfg.root or '-'}, split {cfg.split})")
     return source
+
+
+def is_tiff(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) in TIFF_MAGIC
 
 
 def _size(array: np.ndarray) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from codemae.config import SourceConfig
+from codemae.data.listing import source_modalities, source_name
 from codemae.data.sources import Source
 from codemae.data.transforms import Normalisation
 from codemae.errors import DataError
@@ -20,13 +21,13 @@ log = logging.getLogger(__name__)
 def compute_stats(source: Source, max_samples: int, indices: np.ndarray | None = None,
                   skip_unreadable: bool = False) -> dict[str, Normalisation]:
     """Per-channel mean and std over up to ``max_samples`` evenly spaced samples (of ``indices``, if
-    given); ``skip_unreadable`` passes over samples that fail to load (``data.on_error=skip``)."""
+    given), nodata (NaN) pixels left out; ``skip_unreadable`` passes over samples that fail to load (``data.on_error=skip``)."""
     pool = np.arange(len(source)) if indices is None else np.asarray(indices)
     n = len(pool)
     picks = pool[np.unique(np.linspace(0, n - 1, num=min(n, max_samples)).round().astype(int))]
     sums: dict[str, np.ndarray] = {}
     squares: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    counts: dict[str, np.ndarray] = {}
     for i in picks:
         try:
             arrays = source.load(int(i))
@@ -35,12 +36,14 @@ def compute_stats(source: Source, max_samples: int, indices: np.ndarray | None =
                 raise
             continue
         for m, x in arrays.items():
-            flat = x.reshape(-1, x.shape[2]).astype(np.float64)
-            sums[m] = sums.get(m, 0) + flat.sum(0)
-            squares[m] = squares.get(m, 0) + (flat**2).sum(0)
-            counts[m] = counts.get(m, 0) + flat.shape[0]
+            flat = x.reshape(-1, x.shape[2]).astype(np.float64)  # NaN: a nodata pixel, left out
+            sums[m] = sums.get(m, 0) + np.nansum(flat, 0)
+            squares[m] = squares.get(m, 0) + np.nansum(flat**2, 0)
+            counts[m] = counts.get(m, 0) + (~np.isnan(flat)).sum(0)
     stats = {}
     for m in sums:
+        if not counts[m].all():
+            raise DataError(f"source '{source.name}': every sampled {m} pixel is nodata; no statistics to compute")
         mean = sums[m] / counts[m]
         std = np.sqrt(np.maximum(squares[m] / counts[m] - mean**2, 0.0))
         stats[m] = Normalisation(mean.round(6).tolist(), np.maximum(std, 1e-6).round(6).tolist())
@@ -85,3 +88,39 @@ def source_stats(source: Source, cfg: SourceConfig, cache: Path, samples: int, w
     if write:
         save_stats(stats, cache, min(samples, len(source)))
     return stats
+
+
+def recorded_stats(cfg: SourceConfig, run_dirs: list[Path]) -> dict[str, Normalisation] | None:
+    """The normalisation a finished run used for source ``cfg``: from its config (``none``, ``given``),
+    its stats file, or (``auto``) the newest cache under ``<run_dir>/stats`` of ``run_dirs``; None when
+    none is found (a shard set keeps its statistics in its manifest, not the run folder)."""
+    modalities = source_modalities(cfg)
+    if cfg.stats == "none":
+        return {m: Normalisation([0.0], [1.0]) for m in modalities}
+    if cfg.stats == "given":
+        return {m: Normalisation(getattr(cfg.given, f"{m}_mean"), getattr(cfg.given, f"{m}_std")) for m in modalities}
+    if cfg.stats != "auto":
+        candidates = [Path(cfg.stats)]
+    else:
+        name = source_name(cfg)
+        candidates = sorted((p for d in run_dirs for p in (d / "stats").glob(f"{name}-*.json")),
+                            key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        try:
+            return load_stats(path, modalities)
+        except DataError:
+            continue
+    return None
+
+
+def pooled_stats(parts: list[Normalisation]) -> Normalisation:
+    """One normalisation for several sources' statistics (equal weights): the mean of their means and
+    the std of the equal mixture; identical parts give themselves."""
+    if all(p == parts[0] for p in parts):
+        return parts[0]
+    width = max(len(p.mean) for p in parts)
+    means = np.array([np.broadcast_to(p.mean, width) for p in parts], dtype=np.float64)
+    stds = np.array([np.broadcast_to(p.std, width) for p in parts], dtype=np.float64)
+    mean = means.mean(0)
+    std = np.sqrt(np.maximum((stds**2 + means**2).mean(0) - mean**2, 0.0))
+    return Normalisation(mean.round(6).tolist(), np.maximum(std, 1e-6).round(6).tolist())

@@ -23,6 +23,12 @@ class Normalisation:
         std = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
         return (x - mean) / std
 
+    def fill_nodata(self, x: Tensor) -> Tensor:
+        """(C, H, W) [0, 1] values with nodata (NaN) pixels set to the mean: 0 once normalised, and no NaN
+        spread by resampling."""
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1).expand_as(x)
+        return torch.where(torch.isnan(x), mean, x)
+
 
 @dataclass(frozen=True)
 class CropBox:
@@ -85,10 +91,10 @@ class PairedCrop:
         flip = self.hflip and bool(torch.rand(1, generator=generator) < 0.5)
         out = {}
         for m, array in arrays.items():
-            x = torch.from_numpy(np.ascontiguousarray(array[top : top + h, left : left + w])).permute(2, 0, 1)
-            x = F.interpolate(x[None], size=(self.size, self.size), mode="bicubic", align_corners=False,
-                              antialias=True)[0]
             norm = self.norms[m]
+            x = torch.from_numpy(np.ascontiguousarray(array[top : top + h, left : left + w])).permute(2, 0, 1)
+            x = F.interpolate(norm.fill_nodata(x)[None], size=(self.size, self.size), mode="bicubic",
+                              align_corners=False, antialias=True)[0]
             out[m] = norm(x.flip(-1) if flip else x)
             out[f"{m}_mean"], out[f"{m}_std"] = torch.tensor(norm.mean), torch.tensor(norm.std)
         return out, CropBox(top, left, h, w, flip, (first.shape[0], first.shape[1]))

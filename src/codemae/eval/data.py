@@ -80,7 +80,7 @@ def read_mask(path: Path) -> np.ndarray:
 def paired_with_masks(root: str | Path, masks: str | Path, channels: dict[str, int], nodata: int = -1
                       ) -> LabelledSet:
     """A paired folder with per-pixel labels, as multi-label samples: a class is present when it
-    covers at least 10% of the labelled pixels (``nodata`` pixels are not counted)."""
+    covers at least 10% of all the pixels (``nodata`` pixels count in the total, never as a class)."""
     source = FolderSource(SourceConfig(kind="paired", root=str(root)), channels)
     maps = [read_mask(p) for p in mask_files(source, masks)]
     num_classes = max(int(m[m != nodata].max(initial=0)) for m in maps) + 1
@@ -103,10 +103,11 @@ def synthetic_scenes(n: int, image_size: int, seed: int, channels: dict[str, int
 
 def presence_labels(mask: np.ndarray, num_classes: int, min_fraction: float = 0.1,
                     ignore_index: int | None = None) -> np.ndarray:
-    """Multi-hot: class c is present when it covers at least ``min_fraction`` of the labelled pixels."""
+    """Multi-hot: class c is present when it covers at least ``min_fraction`` of ALL the pixels
+    (no-data pixels count in the total but are never a class), as the reference code divides."""
     valid = mask[mask != ignore_index] if ignore_index is not None else mask.ravel()
     counts = np.bincount(valid.astype(np.int64), minlength=num_classes)[:num_classes]
-    return (counts >= min_fraction * max(valid.size, 1)).astype(np.float32)
+    return (counts >= min_fraction * max(mask.size, 1)).astype(np.float32)
 
 
 def split_indices(labels: np.ndarray, fractions: dict[str, float], seed: int = 0) -> dict[str, np.ndarray]:
@@ -164,7 +165,7 @@ class EvalImages(Dataset):
                 h, w = x.shape[1:]
                 top, left = max((h - self.crop) // 2, 0), max((w - self.crop) // 2, 0)
                 x = x[:, top : top + self.crop, left : left + self.crop]
-            x = F.interpolate(x[None], size=(self.size, self.size), mode="bicubic", align_corners=False,
-                              antialias=True)[0]
+            x = F.interpolate(self.norms[m].fill_nodata(x)[None], size=(self.size, self.size), mode="bicubic",
+                              align_corners=False, antialias=True)[0]
             out[m] = self.norms[m](x)
         return out

@@ -14,7 +14,8 @@ from codemae.data.stats import compute_stats
 from codemae.data.transforms import Normalisation
 from codemae.errors import ConfigError
 from codemae.eval.data import EvalImages, LabelledSet
-from codemae.export import load_encoder
+from codemae.eval.device import inference_autocast, module_device
+from codemae.export import load_export_method
 from codemae.loading import load_method
 from codemae.methods import PretrainMethod, build_method
 
@@ -28,7 +29,7 @@ def method_to_evaluate(checkpoint: str | None, random_config: str | None = None,
     if (checkpoint is None) == (random_config is None):
         raise ConfigError("give exactly one of --checkpoint and --random CONFIG")
     if checkpoint is not None and Path(checkpoint).is_dir():  # an export folder (codemae export / convert)
-        return load_encoder(checkpoint, drop_path=drop_path)
+        return load_export_method(checkpoint, drop_path)
     if checkpoint is not None:
         return load_method(checkpoint, drop_path)
     cfg = load_config(random_config, [f"model.drop_path={drop_path}"] if drop_path is not None else [])
@@ -48,12 +49,15 @@ def eval_norms(data: LabelledSet, modalities: tuple[str, ...], indices: np.ndarr
 
 @torch.no_grad()
 def extract_features(method: PretrainMethod, images: EvalImages, batch_size: int = 64, workers: int = 0,
-                     device: str | torch.device = "cpu") -> Tensor:
-    """Mean-pooled final tokens per sample; with both modalities, optical then SAR concatenated."""
+                     device: str | torch.device | None = None) -> Tensor:
+    """Mean-pooled final tokens per sample (float32, on the CPU); with both modalities, optical then SAR
+    concatenated. Runs on ``device`` (default: where the method is), in bf16 autocast on CUDA."""
+    device = torch.device(device) if device is not None else module_device(method)
     method.eval().to(device)
-    loader = DataLoader(images, batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     feats = []
     for batch in loader:
-        tokens = method.encode({m: batch[m].to(device) for m in images.modalities})
-        feats.append(torch.cat([tokens[m].mean(1) for m in images.modalities], dim=-1).cpu())
+        with inference_autocast(device):
+            tokens = method.encode({m: batch[m].to(device, non_blocking=True) for m in images.modalities})
+        feats.append(torch.cat([tokens[m].float().mean(1) for m in images.modalities], dim=-1).cpu())
     return torch.cat(feats)

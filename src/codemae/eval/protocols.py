@@ -1,8 +1,8 @@
-"""Protocol runners: split the labelled data, extract frozen features once, repeat per seed.
+"""Protocol runners: extract frozen features once per split, repeat per seed.
 
-Splits: a fixed stratified split (seed 0) of the labelled data into a training
-pool (60%), a validation set (20%) and a test set (20%); each evaluation seed
-draws its own K-shot training set from the pool.
+The split (:mod:`codemae.eval.splits`) is the dataset's own (given folders or split lists) or
+the fallback stratified 60/20/20 re-split; each evaluation seed draws its own K-shot (or
+label-fraction) training set from the training part.
 """
 
 from __future__ import annotations
@@ -12,56 +12,71 @@ import torch
 
 from codemae.config import SourceConfig, SyntheticConfig
 from codemae.data.sources import FolderSource, Source, SyntheticSource
-from codemae.eval.data import EvalImages, LabelledSet, k_shot, split_indices
+from codemae.errors import DataError
+from codemae.eval.data import EvalImages, LabelledSet, k_shot
 from codemae.eval.features import MODALITY_SETS, eval_norms, extract_features, input_size
 from codemae.eval.knn import knn_accuracy
-from codemae.eval.probe import train_probe
+from codemae.eval.probe import RECIPES, ProbeRecipe, train_probe
 from codemae.eval.report import summarise
 from codemae.eval.retrieval import retrieval_metrics
+from codemae.eval.splits import Split
 from codemae.methods import PretrainMethod
 
-SPLIT = {"pool": 0.6, "val": 0.2, "test": 0.2}
+REFERENCE_KEY = "reference (best of test evaluations every 5 epochs)"
 
 
-def training_indices(data: LabelledSet, pool: np.ndarray, shots: int, mode: str, seed: int) -> np.ndarray:
+def honest_key(split: Split) -> str:
+    return "honest (val-selected, test once)" if len(split.val) else "honest (last epoch, test once)"
+
+
+def training_indices(data: LabelledSet, pool: np.ndarray, shots: int, mode: str, seed: int,
+                     label_fraction: float | None = None) -> np.ndarray:
+    """The seed's training samples: the whole pool (``shots`` 0), a K-shot draw, or a random fraction."""
+    if label_fraction is not None:
+        n = max(2, int(len(pool) * label_fraction))
+        if n > len(pool):
+            raise DataError(f"a {label_fraction:g} label fraction needs 2 training samples; the pool has {len(pool)}")
+        return np.sort(np.random.default_rng(seed).choice(pool, size=n, replace=False))
     return pool if shots <= 0 else k_shot(pool, data.labels, shots, mode, len(data.classes), seed)
 
 
-def frozen_features(method: PretrainMethod, data: LabelledSet, modality: str, centre_crop: int | None
-                    ) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
-    split = split_indices(data.labels, SPLIT)
+def frozen_features(method: PretrainMethod, data: LabelledSet, split: Split, modality: str,
+                    centre_crop: int | None) -> torch.Tensor:
     mods = MODALITY_SETS[modality]
-    images = EvalImages(data, mods, input_size(method), eval_norms(data, mods, split["pool"]), centre_crop)
-    return extract_features(method, images), split
+    images = EvalImages(data, mods, input_size(method), eval_norms(data, mods, split.train), centre_crop)
+    return extract_features(method, images)
 
 
-def run_probe(method: PretrainMethod, data: LabelledSet, modality: str, shots: int, mode: str, seeds: list[int],
-              centre_crop: int | None = None, epochs: int = 50) -> dict:
-    feats, split = frozen_features(method, data, modality, centre_crop)
+def run_probe(method: PretrainMethod, data: LabelledSet, split: Split, modality: str, shots: int, mode: str,
+              seeds: list[int], centre_crop: int | None = None, epochs: int | None = None,
+              recipe: ProbeRecipe = RECIPES["codemae-linear"]) -> dict:
+    feats = frozen_features(method, data, split, modality, centre_crop)
     labels = torch.from_numpy(data.labels)
     per_seed = []
     for seed in seeds:
-        train = training_indices(data, split["pool"], shots, mode, seed)
-        result = train_probe(feats[train], labels[train], feats[split["val"]], labels[split["val"]],
-                             feats[split["test"]], lambda: labels[split["test"]], len(data.classes),
-                             data.multilabel, seed, epochs=epochs)
-        per_seed.append({"honest (val-selected, test once)": result.honest,
-                         "reference (best test epoch)": result.reference})
+        train = training_indices(data, split.train, shots, mode, seed, recipe.label_fraction)
+        result = train_probe(feats[train], labels[train], feats[split.val], labels[split.val],
+                             feats[split.test], lambda: labels[split.test], len(data.classes),
+                             data.multilabel, seed, epochs=epochs, recipe=recipe)
+        extra = {f"honest {k}": v for k, v in list(result.honest_metrics.items())[1:]}
+        per_seed.append({honest_key(split): result.honest, REFERENCE_KEY: result.reference, **extra})
     return {"metric": "micro mAP" if data.multilabel else "overall accuracy", "summary": summarise(per_seed),
-            "train_size": len(train), "val_size": len(split["val"]), "test_size": len(split["test"])}
+            "split": split.as_json(), "train_size": len(train), "val_size": len(split.val),
+            "test_size": len(split.test)}
 
 
-def run_knn(method: PretrainMethod, data: LabelledSet, modality: str, shots: int, mode: str, seeds: list[int],
-            k: int = 20, centre_crop: int | None = None) -> dict:
-    feats, split = frozen_features(method, data, modality, centre_crop)
+def run_knn(method: PretrainMethod, data: LabelledSet, split: Split, modality: str, shots: int, mode: str,
+            seeds: list[int], k: int = 20, centre_crop: int | None = None) -> dict:
+    feats = frozen_features(method, data, split, modality, centre_crop)
     labels = torch.from_numpy(data.labels)
     per_seed = []
     for seed in seeds:
-        train = training_indices(data, split["pool"], shots, mode, seed)
-        acc = knn_accuracy(feats[train], labels[train], feats[split["test"]], labels[split["test"]],
+        train = training_indices(data, split.train, shots, mode, seed)
+        acc = knn_accuracy(feats[train], labels[train], feats[split.test], labels[split.test],
                            len(data.classes), k)
         per_seed.append({f"{k}-NN accuracy": acc})
-    return {"summary": summarise(per_seed), "test_size": len(split["test"])}
+    return {"summary": summarise(per_seed), "split": split.as_json(), "train_size": len(train),
+            "test_size": len(split.test)}
 
 
 def paired_source(root: str, split: str | None, channels: dict[str, int], synthetic_n: int = 200) -> Source:

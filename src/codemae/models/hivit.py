@@ -98,7 +98,6 @@ class HiViT(Backbone):
     embedding with its own LayerNorm, two MLP-only stages with merging, attention blocks (no final
     norm: the pyramid reads the last block), the iTPN pyramid."""
 
-    EMBEDDING_PARTS = ("patch_embed", "pos_embed", "stage1", "merge1", "stage2", "merge2")
     layout = "itpn"
 
     def __init__(
@@ -140,6 +139,25 @@ class HiViT(Backbone):
         # without the pyramid (the published classifiers) the one level is the final tokens
         self.pyramid = ITPNPyramid(embed_dim, (c0, 2 * c0), pyramid_dim) if pyramid else None
         self.apply(init_trunc_normal)
+
+    @property
+    def num_layers(self) -> int:
+        """The published numbering (the authors' ``get_layer_id`` over iTPN's one block list): one id per
+        MLP-only block, merge and attention block from 1, so 32 for HiViT-B; the last attention block
+        shares the top id with everything after it (pyramid, head)."""
+        return sum(self.mlp_depths) + 2 + self.num_attention_blocks
+
+    def layer_id(self, name: str) -> int:
+        """0 for the patch and position embeddings, then stage1 blocks, merge1, stage2 blocks, merge2
+        and the attention blocks in order from 1; ``num_layers`` for the rest."""
+        head, _, rest = name.partition(".")
+        d1, d2 = self.mlp_depths
+        first = {"stage1": 1, "merge1": d1 + 1, "stage2": d1 + 2, "merge2": d1 + d2 + 2, "blocks": d1 + d2 + 3}
+        if head in ("stage1", "stage2", "blocks"):
+            return first[head] + int(rest.partition(".")[0])
+        if head in first:
+            return first[head]
+        return 0 if head in self.EMBEDDING_PARTS else self.num_layers
 
     def embed(self, image: Tensor, modality: str) -> Tensor:
         return self.patch_embed[modality](image)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -39,7 +40,8 @@ from codemae.train.distributed import (
     params_in_sync,
     shutdown,
 )
-from codemae.train.metrics import MetricsLog, plot_losses
+from codemae.train.metrics import MetricsLog, plot_losses, step_line
+from codemae.train.accel import compile_blocks, enable_tf32, teacher_in_bf16, with_device_precision
 from codemae.train.optim import lr_at, pretraining_optimizer, scaled_lr
 from codemae.train.step import TrainStep
 
@@ -50,6 +52,7 @@ CHECKPOINT = Path("checkpoints") / "last.pt"
 def pretrain(cfg: Config) -> dict:
     """Run (or resume) the pretraining described by ``cfg``; returns the run summary."""
     info = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    cfg = with_device_precision(cfg, info.device)  # what the run uses is what its config and checkpoint record
     run_dir = Path(cfg.run_dir)
     lock = None
     try:
@@ -57,7 +60,7 @@ def pretrain(cfg: Config) -> dict:
             prepare_run_dir(run_dir)
             lock = lock_run_dir(run_dir)
         check_resume(cfg, run_dir)
-        setup_logging(run_dir, info)
+        setup_logging(run_dir, info, shows_bar(cfg, info))
         return Trainer(cfg, info, run_dir).fit()
     except OSError as err:  # a file the run cannot create, write or read (metrics, logs, statistics)
         raise TrainingError(f"cannot use {err.filename or run_dir}: {err.strerror or err}") from err
@@ -77,8 +80,8 @@ def pretrain(cfg: Config) -> dict:
 
 LOCK = ".lock"
 # keys a resumed run may change: how long it runs, how often it logs and saves, how it loads data
-RESUME_SAFE = ("run_dir", "train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every",
-               "train.progress", "train.dist_timeout_s", "train.resume", "data.num_workers")
+RESUME_SAFE = ("run_dir", "train.epochs", "train.max_steps", "train.max_minutes", "train.log_every", "train.ckpt_every",
+               "train.progress", "train.dist_timeout_s", "train.resume", "train.compile", "data.num_workers")
 
 
 def lock_run_dir(run_dir: Path):  # noqa: ANN201 (an open file whose lock lasts as long as it is open)
@@ -146,12 +149,25 @@ def prepare_run_dir(run_dir: Path) -> None:
         raise TrainingError(f"run folder {run_dir} is not writable: {err.strerror or err}") from err
 
 
-def setup_logging(run_dir: Path, info: DistInfo) -> None:
+STEP_LINE = "step_line"  # set on the log records of the per-``log_every`` step lines
+
+
+def shows_bar(cfg: Config, info: DistInfo) -> bool:
+    """A progress bar on a terminal (``train.progress``, main process); elsewhere (a file, CI, SLURM) and
+    with ``train.progress=false`` one plain line per ``train.log_every`` steps instead."""
+    return cfg.train.progress and info.is_main and sys.stderr.isatty()
+
+
+def setup_logging(run_dir: Path, info: DistInfo, bar: bool = False) -> None:
+    """Log to the console and (main process) ``train.log``; the step lines reach the console only when no
+    progress bar is drawn there, and the log file always."""
     close_logging()
     log.setLevel(logging.INFO if info.is_main else logging.WARNING)
     log.propagate = False
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if bar:
+        handlers[0].addFilter(lambda record: not getattr(record, STEP_LINE, False))
     if info.is_main:
         handlers.append(logging.FileHandler(run_dir / "train.log"))
     for handler in handlers:
@@ -210,9 +226,13 @@ class Trainer:
         if cfg.model.init and not (run_dir / CHECKPOINT).is_file():  # a resumed run's weights come from last.pt
             init_encoder(self.method.encoder, cfg.model.init)
         self.method.to(info.device)
+        enable_tf32(info.device)
         kinds = source_kinds(cfg.data)
         check_pairing(self.method, kinds)
         teacher_features = prepare_teacher(self.method, cfg.method, info.device)
+        teacher_in_bf16(self.method, tc.precision, info.device)
+        if tc.compile:
+            compile_blocks(self.method, info.device)
         self.loader, self.sampler = build_training_data(cfg.data, cfg.model.geometry, run_dir, info.world_size,
                                                         info.rank, info.is_main, cfg.seed, teacher_features)
         self.steps_per_epoch = len(self.sampler) // tc.accum_steps
@@ -280,8 +300,10 @@ class Trainer:
                  self.info.world_size, self.effective_batch, self.peak_lr, self.steps_per_epoch,
                  self.step, self.stop_at, self.total_steps)
         start, start_step = time.perf_counter(), self.step
+        self.deadline, self.timed_out = start + 60 * tc.max_minutes if tc.max_minutes else math.inf, False
+        self.logged_at = (start, self.step)  # time and step of the last step line, for its throughput
         bar = tqdm(total=self.stop_at, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (tc.progress and self.info.is_main))
+                   disable=not shows_bar(self.cfg, self.info))
         self.method.train()
         try:
             self.run_steps(bar)
@@ -296,23 +318,44 @@ class Trainer:
     def run_steps(self, bar: tqdm) -> None:
         """Train from ``self.step`` to ``stop_at``, logging and checkpointing on the way."""
         tc = self.cfg.train
-        while self.step < self.stop_at:
+        while self.step < self.stop_at and not self.timed_out:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
             self.sampler.set_epoch(epoch, start=in_epoch * tc.accum_steps)
             batches = iter(self.loader)
-            while in_epoch < self.steps_per_epoch and self.step < self.stop_at:
+            while in_epoch < self.steps_per_epoch and self.step < self.stop_at and not self.timed_out:
                 row = self.train_step(batches, epoch)
                 in_epoch += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['total']:.4f}")
                 if self.metrics and (self.step % tc.log_every == 0 or self.step == self.stop_at):
-                    self.metrics.log(row)
+                    self.log_row(row)
                 self.skipped_samples += int(row["skipped_samples"])
                 if in_epoch == self.steps_per_epoch and self.skipped_samples and self.info.is_main:
                     log.warning("epoch %d: %d unreadable samples skipped so far (data.on_error=skip)", epoch,
                                 self.skipped_samples)
-                if self.step % tc.ckpt_every == 0 or in_epoch == self.steps_per_epoch or self.step == self.stop_at:
+                self.timed_out = self.out_of_time()
+                if (self.step % tc.ckpt_every == 0 or in_epoch == self.steps_per_epoch or self.step == self.stop_at
+                        or self.timed_out):
                     self.checkpoint()
+        if self.timed_out and self.step < self.stop_at:
+            log.info("train.max_minutes=%g reached at step %d of %d", tc.max_minutes, self.step, self.stop_at)
+
+    def out_of_time(self) -> bool:
+        """Whether this run has trained for ``train.max_minutes`` in this process (checked after each step;
+        rank 0's clock decides for every rank, so all stop at the same step)."""
+        over = torch.tensor(float(time.perf_counter() >= self.deadline), device=self.info.device)
+        if self.info.enabled and math.isfinite(self.deadline):
+            dist.broadcast(over, 0)
+        return bool(over)
+
+    def log_row(self, row: dict[str, float]) -> None:
+        """``row`` to metrics.csv and TensorBoard, and as one plain step line with the throughput (images per
+        second, all processes) since the previous one."""
+        now, step = time.perf_counter(), int(row["step"])
+        rate = (step - self.logged_at[1]) * self.effective_batch / max(now - self.logged_at[0], 1e-9)
+        self.logged_at = (now, step)
+        self.metrics.log(row)
+        log.info(step_line(row, self.stop_at, rate), extra={STEP_LINE: True})
 
     def train_step(self, batches, epoch: int) -> dict[str, float]:
         tc, device = self.cfg.train, self.info.device
@@ -362,6 +405,7 @@ class Trainer:
             "skipped_samples": self.skipped_samples,
             "skipped_steps": self.skipped_steps,
             "seconds": round(seconds, 2),
+            "max_minutes_reached": self.timed_out and self.step < self.stop_at,
             "pairs_per_s": round(steps * self.effective_batch / 2 / seconds, 2) if steps and seconds else None,
             "final": self.metrics.rows[-1] if self.metrics and self.metrics.rows else None,
         }

@@ -54,6 +54,14 @@ class MetricsLog:
             self.writer.close()
 
 
+def step_line(row: dict[str, float], total_steps: int, images_per_s: float) -> str:
+    """One plain log line for a logged row: ``step 4/8 lr 1.20e-04 recon 0.9812 ... total 1.234 12.3 img/s``
+    (each loss term, then their total, then the throughput since the previous line)."""
+    terms = [k for k in row if k not in NOT_LOSSES and k != "total"] + (["total"] if "total" in row else [])
+    losses = " ".join(f"{k} {row[k]:.4g}" for k in terms)
+    return f"step {int(row['step'])}/{total_steps} lr {row['lr']:.2e} {losses} {images_per_s:.1f} img/s"
+
+
 def read_metrics(path: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []

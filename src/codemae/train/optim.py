@@ -32,8 +32,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused (single-kernel) AdamW
+
+
+def adamw_kind(model: nn.Module) -> dict[str, bool]:
+    """``fused=True`` when every parameter is a floating tensor on a device with a fused AdamW (the same
+    update as the per-parameter loop, one kernel instead of a dozen per tensor), else torch's default."""
+    params = list(model.parameters())
+    fused = bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    return {"fused": True} if fused else {}
+
+
 def pretraining_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: list[float]) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(betas[0], betas[1]))
+    """AdamW over :func:`param_groups`, fused where the device allows (build it after moving ``model``)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(betas[0], betas[1]),
+                             **adamw_kind(model))
 
 
 def scaled_lr(base_lr: float, effective_batch: int) -> float:
@@ -47,3 +60,14 @@ def lr_at(step: float, peak: float, warmup_steps: float, total_steps: float, min
         return peak * step / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1e-12)
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def poly_lr_at(step: int, base: float, total_steps: int, power: float = 1.0, min_lr: float = 0.0,
+               warmup_steps: int = 0, warmup_start: float = 1e-6) -> float:
+    """mmengine's LinearLR warm-up then PolyLR, per iteration: during warm-up ``base`` x a factor rising
+    linearly from ``warmup_start`` to 1; then ``(base - min_lr) * (1 - t / T) ** power + min_lr`` with
+    ``t`` the steps since warm-up and ``T`` the steps after it."""
+    if step < warmup_steps:
+        return base * (warmup_start + (1.0 - warmup_start) * step / warmup_steps)
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return (base - min_lr) * (1.0 - progress) ** power + min_lr

@@ -1,0 +1,218 @@
+"""Bi-temporal damage assessment: generated pairs, the BRIGHT reader, metrics, the Siamese model, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import yaml
+from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+from codemae.cli import build_parser, main
+from codemae.config import SyntheticConfig, to_dict
+from codemae.data.stats import compute_stats
+from codemae.data.synthetic import DAMAGED, DESTROYED, INTACT, generate_damage_pair, land_cover
+from codemae.data.write_synthetic import TASKS, write_synthetic
+from codemae.eval.damage import (LOC_CLASSES, DamageProtocol, SiameseDamage, balanced_weights, damage_loss,
+                                 damage_map, damage_scores, predict_scene, train_damage)
+from codemae.eval.damage_data import DamageCrops, DamageScenes
+from codemae.methods import build_method
+
+from conftest import tiny_config
+
+
+@pytest.fixture
+def bright(tmp_path):
+    root = tmp_path / "bright"
+    write_synthetic("damage", root, n=5, size=48, seed=7)
+    return root
+
+
+def write_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(to_dict(tiny_config(tmp_path / "run"))))
+    return path
+
+
+def test_pairs_are_deterministic_and_labels_sit_on_the_drawn_buildings():
+    cfg = SyntheticConfig(image_size=64)
+    a, b = generate_damage_pair(5, cfg), generate_damage_pair(5, cfg)
+    for x, y in ((a.optical, b.optical), (a.sar, b.sar), (a.target, b.target)):
+        assert np.array_equal(x, y)
+    assert not np.array_equal(a.sar, generate_damage_pair(6, cfg).sar)
+    _, buildings, _ = land_cover(np.random.default_rng(5), 64)  # the map the pair was drawn from
+    assert np.array_equal(a.target > 0, buildings)
+    assert set(np.unique(a.target)) <= {0, INTACT, DAMAGED, DESTROYED}
+
+
+def test_damage_changes_the_sar_returns_of_the_buildings():
+    pairs = [generate_damage_pair(s, SyntheticConfig(image_size=128)) for s in range(4)]
+    target = np.concatenate([p.target.ravel() for p in pairs])
+    sar = np.concatenate([p.sar.ravel() for p in pairs])
+    assert {INTACT, DAMAGED, DESTROYED} <= set(np.unique(target))
+    mean = {k: sar[target == k].mean() for k in (INTACT, DAMAGED, DESTROYED)}
+    assert mean[INTACT] > mean[DAMAGED] + 0.05 and mean[INTACT] > mean[DESTROYED] + 0.05
+    # the optical "before" scene shows every building standing: one roof colour per scene
+    for p in pairs:
+        roofs = p.optical[p.target > 0]
+        assert np.allclose(roofs, roofs[0])
+
+
+def test_synth_writes_the_bright_layout_and_the_reader_reads_it_back(bright):
+    assert (bright / "pre-event" / "synthetic_00000_pre_disaster.tif").is_file()
+    assert [len((bright / f"{s}.txt").read_text().split()) for s in ("train", "val", "test")] == [3, 1, 1]
+    scenes = DamageScenes(bright, "train", {"opt": 3, "sar": 1})
+    pair = generate_damage_pair(7, SyntheticConfig(image_size=48))
+    arrays = scenes.load(0)
+    assert arrays["opt"].shape == (48, 48, 3) and arrays["sar"].shape == (48, 48, 1)
+    np.testing.assert_allclose(arrays["opt"], pair.optical, atol=0.5 / 255 + 1e-6)
+    assert np.array_equal(scenes.target(0), pair.target)
+    for task in TASKS:  # every task the writer knows is offered by the command
+        assert build_parser().parse_args(["synth", "--task", task, "--out", "x"]).task == task
+
+
+def test_a_model_that_copies_the_label_scores_one():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 3, 3], [0, 1, 2, 3]])
+    logits = torch.full((LOC_CLASSES + 4, 3, 4), -5.0)
+    logits[1] = torch.where(target > 0, 5.0, -5.0)  # building where the label says so
+    logits[LOC_CLASSES:] = torch.nn.functional.one_hot(target, 4).permute(2, 0, 1) * 10.0
+    pred = damage_map(logits)
+    assert torch.equal(pred, target)
+    scores = damage_scores(multiclass_confusion_matrix(pred.flatten(), target.flatten(), 4))
+    assert scores["mIoU"] == pytest.approx(100) and scores["F1 loc"] == pytest.approx(100)
+    assert scores["F1 damage"] == pytest.approx(100) and scores["score"] == pytest.approx(100)
+
+
+def test_xview2_scores_by_hand():
+    # rows: target (bg, intact, damaged, destroyed), columns: prediction
+    cm = torch.tensor([[10, 2, 0, 0],
+                       [1, 6, 1, 0],
+                       [0, 2, 3, 1],
+                       [0, 0, 0, 4]])
+    s = damage_scores(cm)
+    # localisation: TP = 6+1+2+3+1+4 = 17, FP = 2, FN = 1 -> F1 = 34 / 37
+    assert s["F1 loc"] == pytest.approx(100 * 34 / 37)
+    # on building rows: intact TP 6, FP 2, FN 2 -> 12/16; damaged TP 3, FP 1, FN 3 -> 6/10;
+    # destroyed TP 4, FP 1, FN 0 -> 8/9
+    per = [12 / 16, 6 / 10, 8 / 9]
+    assert [s["F1 intact"], s["F1 damaged"], s["F1 destroyed"]] == pytest.approx([100 * f for f in per])
+    harmonic = 3 / sum(1 / f for f in per)
+    assert s["F1 damage"] == pytest.approx(100 * harmonic)
+    assert s["score"] == pytest.approx(100 * (0.3 * 34 / 37 + 0.7 * harmonic))
+    # IoU: bg 10/(12+11-10), intact 6/(8+10-6), damaged 3/(6+4-3), destroyed 4/(4+5-4)
+    ious = [10 / 13, 6 / 12, 3 / 7, 4 / 5]
+    assert s["IoU destroyed"] == pytest.approx(100 * 4 / 5)
+    assert s["mIoU"] == pytest.approx(100 * sum(ious) / 4)
+
+
+def test_an_absent_damage_class_is_left_out_of_the_harmonic_mean():
+    cm = torch.tensor([[5, 0, 0, 0], [0, 4, 0, 0], [0, 0, 2, 0], [0, 0, 0, 0]])
+    s = damage_scores(cm)
+    assert s["F1 damage"] == pytest.approx(100) and s["mIoU"] == pytest.approx(100)
+    assert np.isnan(s["IoU destroyed"])
+
+
+def tiny_model(tmp_path):
+    torch.manual_seed(0)
+    return SiameseDamage(build_method(tiny_config(tmp_path)), width=16)
+
+
+def test_the_siamese_model_trains_and_its_loss_falls(tmp_path, bright):
+    model = tiny_model(tmp_path)
+    scenes = DamageScenes(bright, "train", {"opt": 3, "sar": 1})
+    norms = compute_stats(scenes, 8)
+    crops = DamageCrops(scenes, norms, 32, 2, torch.Generator().manual_seed(0))
+    pre, post, target = crops[0]
+    assert pre.shape == (3, 32, 32) and post.shape == (1, 32, 32) and target.shape == (32, 32)
+    protocol = DamageProtocol(epochs=6, warmup_epochs=0, batch_size=3, lr=1e-2)
+    history = train_damage(model, crops, protocol, seed=0, counts=torch.tensor([900, 50, 30, 20]))
+    assert history[-1] < 0.6 * history[0]
+
+
+def test_balanced_weights_by_hand():
+    # freq 0.9 / 0.1 -> frequency^-1/2 = 1.054 / 3.162, scaled to a pixel mean of 1 -> 5/6 and 5/2
+    torch.testing.assert_close(balanced_weights(torch.tensor([90, 10])), torch.tensor([5 / 6, 5 / 2]))
+
+
+def test_siamese_embeds_pre_as_optical_and_post_as_sar(tmp_path):
+    model = tiny_model(tmp_path).eval()
+    pre, post = torch.randn(2, 3, 32, 32), torch.randn(2, 1, 32, 32)
+    out = model(pre, post)
+    assert out.shape == (2, LOC_CLASSES + 4, 32, 32)
+    assert damage_loss(out, torch.randint(0, 4, (2, 32, 32))).ndim == 0
+    with torch.no_grad():  # the optical patch embedding sees the pre image, the SAR one the post image
+        model.method.encoder.patch_embed["sar"].proj.weight.add_(1.0)
+        changed = model(pre, post)
+    assert not torch.allclose(changed, out)
+
+
+def test_scene_prediction_stitches_windows_like_a_manual_loop(tmp_path):
+    model = tiny_model(tmp_path).eval()
+    pre, post = torch.randn(3, 48, 48), torch.randn(1, 48, 48)
+    with torch.no_grad():
+        total, count = torch.zeros(6, 48, 48), torch.zeros(1, 48, 48)
+        for y in (0, 16):  # window 32, stride 16
+            for x in (0, 16):
+                total[:, y:y + 32, x:x + 32] += model(pre[None, :, y:y + 32, x:x + 32],
+                                                      post[None, :, y:y + 32, x:x + 32])[0]
+                count[:, y:y + 32, x:x + 32] += 1
+    assert torch.equal(predict_scene(model, pre, post, window=32), damage_map(total / count))
+
+
+def test_damage_cli_end_to_end(tmp_path, bright):
+    out = tmp_path / "damage.json"
+    assert main(["damage", "--random", str(write_config(tmp_path)), "--data", str(bright), "--epochs", "1",
+                 "--seeds", "2", "--crops-per-scene", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["summary"]["mIoU"]["values"]) == 2 and result["window"] == 32
+    assert result["scenes"] == {"train": 3, "val": 1, "test": 1}
+
+
+def damage_cli(tmp_path, root):
+    return main(["damage", "--random", str(write_config(tmp_path)), "--data", str(root), "--epochs", "1",
+                 "--seeds", "1"])
+
+
+def test_a_label_raster_of_another_size_is_refused(tmp_path, bright, capsys):
+    tifffile.imwrite(bright / "target" / "synthetic_00000_building_damage.tif", np.zeros((40, 48), np.uint8))
+    assert damage_cli(tmp_path, bright) == 2
+    err = capsys.readouterr().err
+    assert "synthetic_00000_building_damage.tif: 40x48 pixels" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("folder", ["post-event", "target"])
+def test_a_pre_image_without_its_post_image_or_target_is_refused(tmp_path, bright, capsys, folder):
+    suffix = {"post-event": "post_disaster", "target": "building_damage"}[folder]
+    (bright / folder / f"synthetic_00001_{suffix}.tif").unlink()
+    assert damage_cli(tmp_path, bright) == 2
+    err = capsys.readouterr().err
+    assert f"no matching {folder} image" in err and "synthetic_00001" in err
+
+
+def test_an_unknown_label_value_is_refused(tmp_path, bright, capsys):
+    path = bright / "target" / "synthetic_00004_building_damage.tif"  # a test scene: refused before training
+    target = tifffile.imread(path)
+    target[0, 0] = 7
+    tifffile.imwrite(path, target)
+    assert damage_cli(tmp_path, bright) == 2
+    assert "unknown label value 7" in capsys.readouterr().err
+
+
+def test_a_bad_split_list_is_refused(tmp_path, bright, capsys):
+    (bright / "val.txt").write_text("synthetic_00003\nno_such_scene\n")
+    assert damage_cli(tmp_path, bright) == 2
+    err = capsys.readouterr().err
+    assert "val.txt" in err and "'no_such_scene' has no pre-event image" in err
+    (bright / "val.txt").write_text("synthetic_00003\n")
+    (bright / "test.txt").unlink()
+    assert damage_cli(tmp_path, bright) == 2
+    assert "no split list test.txt" in capsys.readouterr().err
+
+
+def test_synth_scenes_task_and_bad_options(tmp_path, capsys):
+    assert main(["synth", "--task", "scenes", "--out", str(tmp_path / "s"), "--n", "2", "--size", "32"]) == 0
+    assert sorted(p.name for p in (tmp_path / "s" / "labels").iterdir()) == ["scene_00000.png", "scene_00001.png"]
+    assert main(["synth", "--task", "damage", "--out", str(tmp_path / "d"), "--size", "8"]) == 2

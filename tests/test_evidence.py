@@ -1,0 +1,166 @@
+"""The evidence study's pieces: the pretraining time budget, the small CNN baseline, the study's plan."""
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+
+from codemae.checkpoint import load_checkpoint
+from codemae.config import load_config
+from codemae.errors import ConfigError
+from codemae.train import engine
+from codemae.train.engine import pretrain
+
+from conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_clock(monkeypatch, seconds_per_step: float) -> None:
+    """The engine's clock starts at 0 s and advances ``seconds_per_step`` with every training step."""
+    now = [0.0]
+    step = engine.Trainer.train_step
+
+    def timed_step(self, *args):
+        now[0] += seconds_per_step
+        return step(self, *args)
+
+    monkeypatch.setattr(engine, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(engine.Trainer, "train_step", timed_step)
+
+
+def test_max_minutes_stops_and_checkpoints_at_the_step_the_budget_ends(tmp_path, monkeypatch):
+    # 0.4 s a step: 0.4, 0.8, 1.2 s -> a 1 s budget ends after step 3
+    fake_clock(monkeypatch, 0.4)
+    summary = pretrain(tiny_config(tmp_path / "run", train={"epochs": 5, "max_minutes": 1 / 60}))
+    assert summary["step"] == 3 and summary["total_steps"] == 5 * 4 and summary["max_minutes_reached"] is True
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 3
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 3
+
+
+def test_max_minutes_unset_or_long_runs_every_step(tmp_path, monkeypatch):
+    fake_clock(monkeypatch, 0.4)
+    summary = pretrain(tiny_config(tmp_path / "run", train={"epochs": 1, "max_minutes": 10.0}))
+    assert summary["step"] == summary["total_steps"] == 4 and summary["max_minutes_reached"] is False
+
+
+@pytest.mark.parametrize("value", [0, -1, ".nan"])
+def test_max_minutes_must_be_positive(value):
+    with pytest.raises(ConfigError, match="train.max_minutes"):
+        load_config(None, [f"train.max_minutes={value}"])
+
+
+# --- the small CNN baseline ---------------------------------------------------------------------------
+
+def test_small_cnn_gives_tokens_the_classifier_pools_and_one_undecayed_lr():
+    import torch
+
+    from codemae.eval.cnn import CNNMethod
+    from codemae.eval.finetune import Classifier, layer_decay_groups
+
+    method = CNNMethod(64, {"opt": 3, "sar": 1})
+    tokens = method.encode({"sar": torch.randn(2, 1, 64, 64)})["sar"]
+    assert tokens.shape == (2, 8 * 8, 128) and method.encoder.embed_dim == 128
+    model = Classifier(method, ("sar",), 10)
+    assert model({"sar": torch.randn(3, 1, 64, 64)}).shape == (3, 10)
+    groups = layer_decay_groups(model, 1e-3, 0.05, 0.85)
+    assert {g["lr_scale"] for g in groups} == {1.0}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def write_classes(root, classes=("a", "b"), per_class=10, size=32):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(root / c / f"{c}{i}.png")
+    return root
+
+
+def test_finetune_cnn_runs_the_protocol_and_refuses_an_encoder_beside_it(tmp_path, capsys):
+    from codemae.cli import main
+
+    data = write_classes(tmp_path / "data")
+    out = tmp_path / "cnn.json"
+    assert main(["finetune", "--cnn", "32", "--data", str(data), "--modality", "sar", "--shots", "2",
+                 "--seeds", "1", "--epochs", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["train_size"] == 4 and len(next(iter(result["summary"].values()))["values"]) == 1
+    with pytest.raises(SystemExit) as err:
+        main(["finetune", "--cnn", "32", "--random", "x.yaml", "--data", str(data)])
+    assert err.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+# --- benchmarks/evidence.py ---------------------------------------------------------------------------
+
+@pytest.fixture
+def evidence():
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        yield importlib.import_module("evidence")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_budget_epochs_fit_the_hours_at_the_measured_step_time(evidence):
+    timing = {"total_steps": 530, "step": 12, "seconds": 18.0}  # 10 epochs of 53 steps, 1.5 s a step
+    assert evidence.budget_epochs(timing, 10, 0.1) == (4, 0.4)  # 360 s / (1.5 s x 53) = 4.5
+    assert evidence.budget_epochs(timing, 10, 0.5) == (22, 2.2)  # 1800 / 79.5 = 22.6
+    assert evidence.budget_epochs(timing, 10, 0.001) == (1, 0.1)  # at least one epoch
+
+
+def test_mstar_split_is_stratified_disjoint_and_the_csv_agrees(evidence, tmp_path):
+    root = write_classes(tmp_path / "mstar")
+    lists = evidence.write_mstar_split(root, tmp_path / "split")
+    parts = {p: lists[p].read_text().split() for p in ("train", "val", "test")}
+    assert [len(parts[p]) for p in parts] == [12, 4, 4]
+    assert all(sum(s.startswith(c + "/") for s in parts["test"]) == 2 for c in "ab")
+    everything = parts["train"] + parts["val"] + parts["test"]
+    assert len(set(everything)) == 20
+    rows = lists["csv"].read_text().splitlines()
+    assert rows[0] == "stem,split" and sorted(rows[1:]) == sorted(f"{s},{p}" for p, v in parts.items() for s in v)
+    again = evidence.write_mstar_split(root, tmp_path / "split2")
+    assert again["test"].read_text() == lists["test"].read_text()  # fixed seed
+
+
+def test_study_skips_finished_steps_and_names_the_log_of_a_failed_one(evidence, tmp_path, monkeypatch):
+    args = evidence.parse_args(["--out", str(tmp_path)])
+    study = evidence.Study(args, tmp_path)
+    done = tmp_path / "done.json"
+    done.write_text("{}")
+    monkeypatch.setattr(evidence.subprocess, "run", lambda *a, **k: pytest.fail("a finished step ran again"))
+    study.run("finished", ["probe"], done)
+    monkeypatch.setattr(evidence.subprocess, "run", lambda *a, **k: types.SimpleNamespace(returncode=2))
+    with pytest.raises(SystemExit, match="step broken failed .exit 2.; see .*broken.log"):
+        study.run("broken", ["probe"], tmp_path / "absent.json")
+
+
+def test_evidence_refuses_half_a_given_mstar_split(evidence):
+    with pytest.raises(SystemExit) as err:
+        evidence.parse_args(["--mstar-train", "x"])
+    assert err.value.code == 2
+
+
+def test_table_shows_mean_and_std_of_each_output_and_dashes_for_missing(evidence, tmp_path):
+    import evidence_table
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "probe40_mae.json").write_text(json.dumps(
+        {"summary": {"honest (val-selected, test once)": {"mean": 61.25, "std": 1.5}, "reference": {"mean": 0, "std": 0}}}))
+    (tmp_path / "eval" / "retrieval_mae.json").write_text(json.dumps(
+        {"pairs": 4, "chance": {"R@1": 25.0, "R@5": 100.0, "median rank": 2.5},
+         "metrics": {f"{d} {m}": v for d in ("opt->sar", "sar->opt") for m, v in (("R@1", 50), ("R@5", 100),
+                                                                                    ("median rank", 1.5))}}))
+    args = evidence.parse_args(["--shots", "40", "--methods", "mae"])
+    evidence_table.write_table(tmp_path, args, ["mae"], ["evidence.py"])
+    text = (tmp_path / "evidence.md").read_text()
+    assert "| joint MAE | 61.2 +- 1.5 | - | - | - |" in text
+    assert "| joint MAE | 50.00 | 100.00 | 1.50 | 50.00 | 100.00 | 1.50 |" in text and "chance R@1 25.00" in text
+    assert json.loads((tmp_path / "evidence.json").read_text())["rows"][0]["probe 40-shot"]["mean"] == 61.25
