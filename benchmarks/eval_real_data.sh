@@ -14,6 +14,9 @@ declare -A ENC=(
   [random]="--random configs/pretrain/mae_hivit_tiny_s1s2.yaml"
 )
 CODEMAE=".venv/bin/codemae"
+# segmentation at about the earlier cost (frozen encoder, light head, ~80 steps of 8 tiles at lr 1e-3);
+# the papers' recipe (--head upernet --finetune-encoder, lr 3e-5, 10k iterations) is far beyond a CPU
+SEGMENT="--head light --iters 80 --batch-size 8 --crop 64 --lr 1e-3"
 for name in codemae mae random; do
   enc=${ENC[$name]}
   $CODEMAE retrieval $enc --pairs $DATA/s1s2_pairs --split val --out $OUT/retrieval_$name.json
@@ -23,8 +26,8 @@ for name in codemae mae random; do
   done
   $CODEMAE segment $enc --scene $DATA/sen1floods11/S2/Spain_7370579_S2Hand.tif \
     $DATA/sen1floods11/S1/Spain_7370579_S1Hand.tif $DATA/sen1floods11/Labels/Spain_7370579_LabelHand.tif \
-    --opt-bands 3 2 1 --sar-bands 1 --sar-db -30 0 --modality both --seeds 3 --out $OUT/segment_flood_$name.json
-  $CODEMAE segment $enc --modality both --seeds 3 --out $OUT/segment_synthetic_$name.json
+    --opt-bands 3 2 1 --sar-bands 1 --sar-db -30 0 --modality both --seeds 3 $SEGMENT --out $OUT/segment_flood_$name.json
+  $CODEMAE segment $enc --modality both --seeds 3 $SEGMENT --out $OUT/segment_synthetic_$name.json
   for k in 10 40; do
     $CODEMAE finetune $enc --data $DATA/mstar/train_17deg --modality sar --shots $k --seeds 5 \
       --out $OUT/finetune_mstar_${k}shot_$name.json

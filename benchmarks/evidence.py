@@ -125,6 +125,7 @@ class Study:
 
     # --- evaluation ------------------------------------------------------------------------------------
     def evaluate(self, name: str, encoder: list[str]) -> None:
+        """The frozen-encoder evaluations: MSTAR probes, retrieval, segmentation."""
         ev, d = self.out / "eval", self.data
         mstar = self.mstar_eval_args()
         for k in self.args.shots:
@@ -141,7 +142,6 @@ class Study:
                                        "--out", str(ev / f"flood_{name}.json")], ev / f"flood_{name}.json")
             self.run(f"synthseg_{name}", ["segment", *encoder, "--modality", "both", "--seeds", "3",
                                           "--out", str(ev / f"synthseg_{name}.json")], ev / f"synthseg_{name}.json")
-        self.finetune(name, encoder)
 
     def finetune(self, name: str, encoder: list[str]) -> None:
         if "finetune" in self.args.skip or (self.args.ft_encoders and name not in self.args.ft_encoders):
@@ -202,13 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     if (out / "times.json").exists():
         study.times = json.loads((out / "times.json").read_text())
     checkpoints = {name: study.pretrain(name) for name in args.methods}
-    for name, ckpt in checkpoints.items():
-        study.evaluate(name, ["--checkpoint", str(ckpt)])
-    study.evaluate("random", ["--random", RANDOM_CONFIG])
-    study.finetune("cnn", ["--cnn", "64"])
+    encoders = {"random": ["--random", RANDOM_CONFIG]} | {n: ["--checkpoint", str(c)] for n, c in checkpoints.items()}
+    for name, encoder in encoders.items():  # cheap evaluations of every encoder first, fine-tuning last
+        study.evaluate(name, encoder)
     if "compare" not in args.skip:
         study.run("compare", ["compare", *map(str, checkpoints.values()), "--pairs", str(study.data / "s1s2_pairs"),
                               "--split", "val", "--out", str(out / "compare")], out / "compare" / "report.json")
+    for name, encoder in {"cnn": ["--cnn", "64"], **encoders}.items():
+        study.finetune(name, encoder)
     from evidence_table import write_table  # noqa: PLC0415 (benchmarks/ is the script's folder)
 
     write_table(out, args, list(checkpoints), [sys.executable, *sys.argv] if argv is None else argv)

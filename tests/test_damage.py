@@ -70,6 +70,9 @@ def test_synth_writes_the_bright_layout_and_the_reader_reads_it_back(bright):
     assert arrays["opt"].shape == (48, 48, 3) and arrays["sar"].shape == (48, 48, 1)
     np.testing.assert_allclose(arrays["opt"], pair.optical, atol=0.5 / 255 + 1e-6)
     assert np.array_equal(scenes.target(0), pair.target)
+    drawn = sum(np.bincount(generate_damage_pair(7 + i, SyntheticConfig(image_size=48)).target.ravel(), minlength=4)
+                for i in range(3))
+    assert scenes.class_counts().tolist() == drawn.tolist()
     for task in TASKS:  # every task the writer knows is offered by the command
         assert build_parser().parse_args(["synth", "--task", task, "--out", "x"]).task == task
 
@@ -216,3 +219,7 @@ def test_synth_scenes_task_and_bad_options(tmp_path, capsys):
     assert main(["synth", "--task", "scenes", "--out", str(tmp_path / "s"), "--n", "2", "--size", "32"]) == 0
     assert sorted(p.name for p in (tmp_path / "s" / "labels").iterdir()) == ["scene_00000.png", "scene_00001.png"]
     assert main(["synth", "--task", "damage", "--out", str(tmp_path / "d"), "--size", "8"]) == 2
+    assert main(["synth", "--task", "damage", "--out", str(tmp_path / "d"), "--n", "3", "--size", "32"]) == 0
+    assert main(["damage", "--random", str(write_config(tmp_path)), "--data", str(tmp_path / "d"),
+                 "--img-size", "40"]) == 2
+    assert "--img-size 40: not a multiple of the encoder's patch size 16" in capsys.readouterr().err

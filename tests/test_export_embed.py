@@ -47,6 +47,7 @@ def test_the_run_folder_of_a_real_pretraining_gives_the_export_its_statistics(tm
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     meta = codemae.load_encoder(str(export_encoder(ckpt, tmp_path / "enc"))).meta
     assert meta["normalisation"] == {m: vars(s) for m, s in run_stats(ckpt).items()} and meta["step"] == 1
+    assert meta["run_summary"]["step"] == 1 and "finished at step 1 of" in (tmp_path / "enc" / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +114,12 @@ def test_timm_loads_the_timm_export_strictly_and_gives_the_same_features(vit_run
             assert torch.allclose(model.forward_features((x - mean) / std), ours.tokens(x, modality), atol=1e-5)
 
 
-def test_timm_format_refuses_hivit_in_one_line(tmp_path, capsys):
-    ckpt = run(tmp_path / "run", model={"backbone": "hivit_tiny", "img_size": 32, "embed_dim": 32, "depth": 2,
-                                        "num_heads": 2})
+@pytest.mark.parametrize("model, method", [
+    ({"backbone": "hivit_tiny", "img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2}, CODEMAE),
+    (VIT, {"name": "fusmae", "fusion": "xaed", "masking": "independent"}),  # a ViT with a fusion block
+])
+def test_timm_format_refuses_encoders_timm_lacks_in_one_line(tmp_path, capsys, model, method):
+    ckpt = run(tmp_path / "run", model=model, method=method)
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "t"), "--format", "timm"]) == 2
     err = capsys.readouterr().err
     assert "has no timm counterpart" in err and len(err.strip().splitlines()) == 1
@@ -134,13 +138,18 @@ def test_hf_format_round_trip_gives_identical_features(vit_run, tmp_path):
     assert codemae.load_encoder(str(out)).meta == hub.meta  # codemae reads the hf folder too
 
 
-def test_export_without_recorded_statistics_says_so(tmp_path):
+def test_export_without_recorded_statistics_says_so(tmp_path, capsys):
     ckpt = run(tmp_path / "run")
     for path in (tmp_path / "run" / "stats").iterdir():
         path.unlink()
-    meta = codemae.load_encoder(str(export_encoder(ckpt, tmp_path / "enc"))).meta
-    assert meta["normalisation"] == {"opt": None, "sar": None}
-    assert "no statistics found for synthetic" in meta["normalisation_note"]
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "enc")]) == 0
+    assert "note: normalisation statistics opt: unknown" in capsys.readouterr().out
+    encoder = codemae.load_encoder(str(tmp_path / "enc"))
+    assert encoder.meta["normalisation"] == {"opt": None, "sar": None} and encoder.normalised == []
+    assert "no statistics found for synthetic" in encoder.meta["normalisation_note"]
+    x = images(3)
+    with torch.no_grad():  # nothing to apply: raw images go in as they are
+        assert torch.equal(encoder(x, "opt"), load_method(ckpt).encode({"opt": x})["opt"].mean(1))
 
 
 def test_version_1_exports_still_load_without_statistics(vit_run, tmp_path):
@@ -330,3 +339,23 @@ def test_band_names_follow_the_sources_picks():
         {"kind": "sar", "root": "y"}]}})
     assert band_names(cfg, "opt", 3) == ["B4", "B3", "B2"]
     assert band_names(cfg, "sar", 2) == ["VV", "VH"] and band_names(cfg, "sar", 1) is None
+
+
+def test_embed_folder_of_pairs_concatenates_optical_then_sar(vit_run, tmp_path):
+    from conftest import write_pairs
+
+    from codemae.data.sources import FolderSource
+    from codemae.config import SourceConfig
+
+    root = write_pairs(tmp_path / "pairs", n=3, size=32)
+    export = export_encoder(vit_run, tmp_path / "enc")
+    assert main(["embed", "--checkpoint", str(export), "--input", str(root), "--modality", "both",
+                 "--out", str(tmp_path / "emb")]) == 0
+    got = np.load(tmp_path / "emb" / "embeddings.npy")
+    encoder = codemae.load_encoder(str(export))
+    source = FolderSource(SourceConfig(kind="paired", root=str(root), holdout=[]), encoder.encoder.channels)
+    with torch.no_grad():
+        x = {m: torch.stack([torch.from_numpy(source.load(i)[m]).permute(2, 0, 1) for i in range(3)])
+             for m in ("opt", "sar")}
+        expected = torch.cat([encoder(x["opt"], "opt"), encoder(x["sar"], "sar")], dim=1)
+    assert got.shape == (3, 64) and np.allclose(got, expected.numpy(), atol=1e-5)

@@ -9,7 +9,8 @@ import yaml
 from codemae.cli import main
 from codemae.config import to_dict
 from codemae.eval.finetune import PROTOCOLS, Classifier, layer_decay_groups
-from codemae.eval.segmentation import UperHead, level_maps, miou
+from codemae.eval.seg_heads import LightHead
+from codemae.eval.segmentation import level_maps, miou
 from codemae.methods import build_method
 
 from conftest import tiny_config
@@ -50,7 +51,7 @@ def test_level_maps_invert_the_pyramid_layout():
 
 
 def test_uper_head_shapes_and_miou_by_hand():
-    head = UperHead([16, 8, 4], num_classes=3)
+    head = LightHead([16, 8, 4], num_classes=3)
     out = head([torch.randn(2, 16, 2, 2), torch.randn(2, 8, 4, 4), torch.randn(2, 4, 8, 8)])
     assert out.shape == (2, 3, 8, 8)
     target = torch.tensor([[[0, 0, 1, 1]]])
@@ -68,13 +69,13 @@ def test_finetune_and_segment_clis_on_synthetic(tmp_path, capsys):
     assert main(["finetune", "--random", str(config), "--data", "synthetic", "--synthetic-n", "60",
                  "--synthetic-size", "40", "--modality", "both", "--shots", "2", "--kshot", "random", "--seeds", "2", "--epochs", "2",
                  "--out", str(out)]) == 0
-    values = json.loads(out.read_text())["summary"]["test accuracy (last epoch)"]["values"]
+    values = json.loads(out.read_text())["summary"]["honest (val-selected, test once)"]["values"]
     assert len(values) == 2 and all(0 <= v <= 100 for v in values)
     out = tmp_path / "seg.json"
-    assert main(["segment", "--random", str(config), "--synthetic-n", "12", "--epochs", "1", "--seeds", "1",
+    assert main(["segment", "--random", str(config), "--synthetic-n", "12", "--iters", "1", "--seeds", "1",
                  "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert 0 < result["summary"]["mIoU"]["mean"] <= 100 and result["train_tiles"] == 6
+    assert 0 < result["summary"]["mIoU"]["mean"] <= 100 and result["train_images"] == 6
 
 
 def test_paired_folder_with_masks_for_probe_labels_and_segmentation(tmp_path, capsys):
@@ -100,7 +101,7 @@ def test_paired_folder_with_masks_for_probe_labels_and_segmentation(tmp_path, ca
     config.write_text(yaml.safe_dump(to_dict(tiny_config(tmp_path / "run"))))
     out = tmp_path / "seg.json"
     assert main(["segment", "--random", str(config), "--data", str(root), "--masks", str(tmp_path / "masks"),
-                 "--nodata", "255", "--epochs", "1", "--seeds", "1", "--out", str(out)]) == 0
+                 "--nodata", "255", "--iters", "1", "--seeds", "1", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["classes"] == ["0", "1"]
     (tmp_path / "masks" / "t3.png").unlink()
     assert main(["segment", "--random", str(config), "--data", str(root), "--masks", str(tmp_path / "masks")]) == 2

@@ -28,8 +28,9 @@ ALLOWED = {
     "analysis": {"ground", "data", "models", "methods", "loading", "eval"},
     "export": {"ground", "data", "models", "methods", "loading"},  # data: the run's statistics and band names
     "bench": {"ground", "data", "methods", "train", "config"},
+    "bench_official": {"ground", "methods", "train"},  # codemae bench --against-official
     "cli": {"ground", "data", "models", "methods", "loading", "official", "train", "eval", "analysis", "export",
-            "bench"},
+            "bench", "bench_official"},
     "top": {"export", "methods"},  # codemae/__init__: the version and the public load_encoder
 }
 ANYONE = {"top"}  # the package root: anything may read codemae.__version__

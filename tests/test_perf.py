@@ -84,6 +84,7 @@ def test_compile_falls_back_with_a_one_line_reason(monkeypatch, caplog):
     assert accel.compile_unavailable(torch.device("meta")) == "no inductor backend for device meta"
 
 
+@pytest.mark.slow  # compiling the two blocks (forward and backward) takes 1-5 minutes on the shared 2-core machine
 def test_compiled_step_gives_the_eager_loss_and_gradients():
     eager = tiny_mae()
     compiled = copy.deepcopy(eager)
@@ -99,7 +100,8 @@ def test_compiled_step_gives_the_eager_loss_and_gradients():
     assert grads_c.keys() == grads_e.keys()
     for name, grad in grads_e.items():
         torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert torch.isfinite(loss_c) and loss_c.item() != pytest.approx(loss_and_grads(eager, seed=6)[0].item())
+    for name in ("encoder.blocks.0.mlp.fc1.weight", "decoders.shared.blocks.0.attn.qkv.weight"):
+        assert grads_e[name].abs().sum() > 0  # real gradients, not zeros compared with zeros
 
 
 def test_fused_adamw_takes_the_loop_adamw_steps():

@@ -49,7 +49,8 @@ def test_jpeg_compressed_geotiff_reads_close_to_its_pixels(tmp_path):
 
 
 def write_nodata_tiff(path: Path, values: np.ndarray, nodata: float) -> Path:
-    tifffile.imwrite(path, values, photometric="minisblack", planarconfig="contig",
+    tifffile.imwrite(path, values.squeeze(2) if values.shape[2] == 1 else values, photometric="minisblack",
+                     planarconfig="contig" if values.shape[2] > 1 else None,
                      extratags=[(GDAL_NODATA, "s", 0, str(nodata), True)])
     return path
 
@@ -128,3 +129,46 @@ def test_segmentation_scenes_ignore_the_pixels_their_file_marks_nodata(tmp_path)
     labels = torch.cat(data.masks)
     assert labels[1, 2] == IGNORE and labels[6, 4] == IGNORE and (labels == 1).sum() == 46
     assert all(torch.isfinite(x["sar"]).all() for x in data.images)
+
+
+def test_windowed_tiles_mask_the_files_nodata(tmp_path):
+    rasterio = pytest.importorskip("rasterio")
+    data = np.full((1, 64, 64), 5000, dtype=np.uint16)
+    data[0, 40, 10] = 65535
+    root = tmp_path / "sar"
+    root.mkdir()
+    with rasterio.open(root / "s.tif", "w", driver="GTiff", height=64, width=64, count=1, dtype="uint16",
+                       nodata=65535) as dst:
+        dst.write(data)
+    source = FolderSource(SourceConfig(kind="sar", root=str(root), tile=32, holdout=[]), {"opt": 3, "sar": 1})
+    assert source.windowable(root / "s.tif")
+    tile = source.load(2)["sar"]  # rows 32..63, columns 0..31
+    assert np.isnan(tile[8, 10, 0]) and np.isfinite(tile).sum() == 32 * 32 - 1
+    assert np.allclose(compute_stats(source, 8)["sar"].mean, [0.5])  # 5000 / 10000; the 65535 left out
+
+
+def test_a_tiled_pair_of_different_sizes_is_refused_when_listed(tmp_path):
+    from codemae.errors import DataError
+
+    for m, size in (("opt", 64), ("sar", 48)):
+        (tmp_path / m).mkdir()
+        tifffile.imwrite(tmp_path / m / "s.tif", np.zeros((size, size), np.uint8))
+    with pytest.raises(DataError, match=r"pair 's': optical .*s.tif is 64x64 but SAR .*s.tif is 48x48"):
+        FolderSource(SourceConfig(kind="paired", root=str(tmp_path), tile=32, holdout=[]), {"opt": 1, "sar": 1})
+
+
+def test_segmentation_folders_ignore_nodata_pixels_and_feed_no_nan(tmp_path):
+    from PIL import Image
+
+    from codemae.eval.segmentation import IGNORE, folder_segmentation
+
+    for m in ("opt", "sar", "labels"):
+        (tmp_path / m).mkdir()
+    values = np.full((8, 8, 3), 0.5, dtype=np.float32)
+    values[2, 3] = -9999.0
+    write_nodata_tiff(tmp_path / "opt" / "a.tif", values, -9999)
+    Image.fromarray(np.full((8, 8), 128, dtype=np.uint8)).save(tmp_path / "sar" / "a.png")
+    Image.fromarray(np.ones((8, 8), dtype=np.uint8)).save(tmp_path / "labels" / "a.png")
+    data = folder_segmentation(str(tmp_path), str(tmp_path / "labels"), {"opt": 3, "sar": 1})
+    assert data.masks[0][2, 3] == IGNORE and (data.masks[0] == 1).sum() == 63
+    assert torch.isfinite(data.images[0]["opt"]).all()

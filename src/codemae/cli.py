@@ -339,7 +339,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     recipe = Recipe(head=args.head, channels=args.channels, aux_head=args.aux_head, train_encoder=args.finetune_encoder,
                     lr=args.lr, layer_decay=args.layer_decay, weight_decay=args.weight_decay, drop_path=args.drop_path,
-                    iters=args.iters, warmup_iters=args.warmup_iters, power=args.power, min_lr=args.min_lr,
+                    iters=args.iters, warmup_iters=args.iters // 20 if args.warmup_iters is None else args.warmup_iters,
+                    power=args.power, min_lr=args.min_lr,
                     batch_size=args.batch_size, crop=args.crop, stride=args.stride)
     drop_path = recipe.drop_path if recipe.train_encoder else None  # a frozen encoder runs in eval mode
     load = lambda: method_to_evaluate(args.checkpoint, args.random, drop_path=drop_path).to(device)  # noqa: E731
@@ -491,6 +492,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_encoder(args.checkpoint, args.out, args.format, args.modality)
     how = {"codemae": f"codemae.load_encoder('{out}')", "hf": "codemae.export.ExportedEncoder.from_pretrained",
            "timm": "timm.create_model(**config.json['timm']) (see README.md)"}[args.format]
+    note = json.loads((out / "config.json").read_text())["normalisation_note"]
+    if "unknown" in note:
+        print(f"note: normalisation statistics {note}")
     print(f"wrote {out} ({WEIGHTS[args.format]}, config.json, README.md); load it with {how}")
     return 0
 
@@ -802,8 +806,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sar-db", type=finite_float, nargs=2, default=[-25.0, 0.0], metavar=("LO", "HI"))
     p.add_argument("--nodata", type=int, default=-1, help="label value to ignore")
     p.add_argument("--head", choices=["upernet", "light"], default="light",
-                   help="decode head: light (default; 64 channels, 15-30x faster on CPU) or upernet (the papers' "
-                        "head, mmseg's UPerHead, 512 channels)")
+                   help="decode head: light (64 channels, 15-30x faster on CPU) or upernet (the papers' head, "
+                        "mmseg's UPerHead, 512 channels)")
     p.add_argument("--channels", type=positive_int, help="head width (default: 512 upernet, 64 light)")
     p.add_argument("--aux-head", action="store_true", help="mmseg's auxiliary FCN head on stride 16, loss x 0.4")
     p.add_argument("--finetune-encoder", action="store_true", help="train the encoder too (the papers' protocol)")
@@ -812,7 +816,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=finite_float, default=0.05)
     p.add_argument("--drop-path", type=finite_float, default=0.15, help="encoder drop path when fine-tuned")
     p.add_argument("--iters", type=positive_int, default=10_000, help="training iterations (LoveDA: 10k)")
-    p.add_argument("--warmup-iters", type=non_negative_int, default=500, help="linear warm-up iterations")
+    p.add_argument("--warmup-iters", type=non_negative_int,
+                   help="linear warm-up iterations (default: 5%% of --iters, LoveDA: 500 of 10k)")
     p.add_argument("--power", type=positive_float, default=1.0, help="poly schedule power")
     p.add_argument("--min-lr", type=finite_float, default=0.0, help="poly schedule floor")
     p.add_argument("--batch-size", type=positive_int, default=16, help="crops per iteration (LoveDA: 8 GPUs x 2)")
@@ -838,7 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=positive_int, help="crop / window size (default: the encoder's input size)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--crops-per-scene", type=positive_int, default=4, help="random training crops per scene and epoch")
-    p.add_argument("--lr", type=positive_float, default=5e-4, help="peak lr of the decoder (encoder layers decayed)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak lr of the decoder (encoder layers decayed)")
     p.set_defaults(func=cmd_damage)
 
     p = sub.add_parser("synth", help="write generated data in the layout a task reads (e.g. --task damage)",
@@ -848,7 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["damage", "scenes"], required=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=positive_int, default=40, help="number of scenes")
-    p.add_argument("--size", type=positive_int, default=128, help="scene size in pixels")
+    p.add_argument("--size", type=positive_int, default=256, help="scene size in pixels")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the first scene (scene i uses seed + i)")
     p.set_defaults(func=cmd_synth)
 

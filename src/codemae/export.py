@@ -33,7 +33,14 @@ from codemae.data.listing import source_modalities, source_name
 from codemae.data.readers import BAND_NAMES
 from codemae.data.stats import pooled_stats, recorded_stats
 from codemae.errors import ConfigError, DataError
-from codemae.loading import config_from_dict, encoder_from_config, method_from_config, read_method_checkpoint, upgrade
+from codemae.loading import (
+    config_from_dict,
+    encoder_from_config,
+    method_from_config,
+    method_from_state,
+    read_method_checkpoint,
+    upgrade,
+)
 from codemae.methods import PretrainMethod
 from codemae.models.backbone import Encoder, EncoderOutput, PerModalityBackbones
 from codemae.models.vit import ViT
@@ -123,6 +130,8 @@ def describe(config: dict, encoder: Encoder, origin: dict, run_dirs: list[Path])
         "channels": dict(encoder.channels),
         "band_names": {m: band_names(cfg, m, c) for m, c in encoder.channels.items()},
         "normalisation": norms, "normalisation_per_source": per_source, "normalisation_note": note,
+        "pretraining_sources": [{"name": source_name(s), "kind": s.kind, "layout": s.layout, "root": s.root,
+                                 "stats": s.stats} for s in cfg.data.sources],
         "outputs": OUTPUTS, **origin, "training_config": config,
     }
 
@@ -167,24 +176,29 @@ def band_names(cfg: Config, modality: str, channels: int) -> list[str] | None:
             seen.add(tuple(names[int(p)] if p.isdigit() and int(p) < len(names) else p for p in picks))
         elif len(names) == channels:
             seen.add(tuple(names))
-        else:
-            seen.add(tuple(BAND_NAMES.get(channels, [])) if (modality, channels) != ("opt", 2) else ())
+        else:  # the Sentinel-2 (12, 13 bands) and Sentinel-1 (2) names readers assume by band count
+            seen.add(tuple(BAND_NAMES[channels]) if channels in BAND_NAMES and (modality == "sar") == (channels == 2)
+                     else ())
     return list(seen.pop()) if len(seen) == 1 and () not in seen else None
 
 
 def encoder_from_checkpoint(checkpoint: str | Path) -> ExportedEncoder:
     """The encoder of a pretraining checkpoint with the statistics of its run folder."""
     state = read_method_checkpoint(checkpoint)
-    method = method_from_config(state["config"])
-    try:
-        method.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise DataError(f"checkpoint {checkpoint}: weights do not match its config: {str(err).splitlines()[0]}") \
-            from err
+    method = method_from_state(state, str(checkpoint))
     run_dirs = list(dict.fromkeys([Path(checkpoint).resolve().parent.parent, Path(state["config"]["run_dir"])]))
-    meta = describe(state["config"], method.encoder, {"checkpoint": str(checkpoint), "step": state.get("step")},
-                    run_dirs)
-    return with_encoder(meta, method.encoder)
+    origin = {"checkpoint": str(checkpoint), "step": state.get("step"), "run_summary": run_summary(run_dirs)}
+    return with_encoder(describe(state["config"], method.encoder, origin, run_dirs), method.encoder)
+
+
+def run_summary(run_dirs: list[Path]) -> dict | None:
+    """The ``summary.json`` a finished pretraining left in its run folder (None if absent or unreadable)."""
+    for directory in run_dirs:
+        try:
+            return json.loads((directory / "summary.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def with_encoder(meta: dict, encoder: Encoder) -> ExportedEncoder:
@@ -284,9 +298,8 @@ def load_encoder(directory: str | Path, device: str | torch.device = "cpu") -> E
         weights, config = upgrade(weights, meta["config"], meta.get("layout", 1), str(directory))
         method = method_from_config(config)
         meta = describe(config, method.encoder, {"checkpoint": meta.get("checkpoint"), "step": meta.get("step")}, [])
-        meta["normalisation_note"] = "unknown: an export written before codemae recorded statistics"
-        log.warning("%s: an export of version 1 has no normalisation statistics; images go in unnormalised",
-                    directory)
+        meta["normalisation_note"] += "; a version 1 export, written before codemae recorded statistics"
+        log.warning("%s: an export of version 1: normalisation %s", directory, meta["normalisation_note"])
     exported = ExportedEncoder(meta)
     try:
         exported.load_state_dict(weights)
@@ -323,24 +336,31 @@ def model_card(meta: dict) -> str:
         lines.append(f"| {m} normalisation | " + (f"mean {norm['mean']}, std {norm['std']}" if norm else "unknown")
                      + " |")
     lines += ["", f"Normalisation: {meta['normalisation_note']}.", "", "## Pretraining", ""]
-    for s in cfg.get("data", {}).get("sources", []):
-        lines.append(f"- source `{s.get('name') or s.get('dataset') or s.get('root')}`: {s.get('kind')}, "
-                     f"layout {s.get('layout', 'folder')}, statistics {s.get('stats', 'auto')}")
+    for s in meta["pretraining_sources"]:
+        lines.append(f"- source `{s['name']}`: {s['kind']}, layout {s['layout']}, root `{s['root'] or '-'}`, "
+                     f"statistics {s['stats']}")
     train = cfg.get("train", {})
-    lines += [f"- method `{meta['method']}`, {train.get('epochs')} epochs (max steps {train.get('max_steps')}), "
-              f"base lr {train.get('base_lr')}, seed {cfg.get('seed')}", "", "## Use", ""]
+    lines.append(f"- method `{meta['method']}`, {train.get('epochs')} epochs (max steps {train.get('max_steps')}), "
+                 f"base lr {train.get('base_lr')}, seed {cfg.get('seed')}")
+    summary = meta.get("run_summary")
+    if summary:
+        final = {k: round(v, 4) for k, v in (summary.get("final") or {}).items() if isinstance(v, float)}
+        lines.append(f"- finished at step {summary.get('step')} of {summary.get('total_steps')} in "
+                     f"{summary.get('seconds')} s on {summary.get('world_size')} process(es); last logged {final}")
+    lines += ["", "## Use", ""]
     if meta["export_format"] == "timm":
         t = meta["timm"]
         lines += ["```python", "import timm, torch", "from safetensors.torch import load_file",
                   f"model = timm.create_model({t['model_name']!r}, pretrained=False, **{t['kwargs']!r})",
                   "model.load_state_dict(load_file('model.safetensors'), strict=True)",
-                  f"# input: {t['modality']} images in [0, 1], normalised with mean {t['mean']} / std {t['std']}",
-                  "features = model((x - mean) / std)  # (B, D): mean of the final tokens", "```"]
+                  f"mean, std = (torch.tensor(v).view(-1, 1, 1) for v in ({t['mean']}, {t['std']}))"
+                  if t["mean"] else "mean, std = 0.0, 1.0  # the training statistics were not recorded",
+                  f"features = model((x - mean) / std)  # x: {t['modality']} images in [0, 1]; (B, D) mean of the "
+                  "final tokens", "```"]
     else:
         lines += ["```python", "import codemae", "encoder = codemae.load_encoder('THIS_FOLDER')",
                   "embedding = encoder(images, 'opt')  # raw [0, 1] images in; normalisation applied inside",
                   "tokens = encoder.tokens(images, 'opt')  # (B, N, D); encoder.encode({...}) for the pyramid",
                   "# hf format: codemae.export.ExportedEncoder.from_pretrained('THIS_FOLDER') (huggingface_hub)",
-                  "```"]
-    lines += ["", "Outputs:", ""] + [f"- `{k}`: {v}" for k, v in meta["outputs"].items()]
+                  "```", "", "Outputs:", ""] + [f"- `{k}`: {v}" for k, v in meta["outputs"].items()]
     return "\n".join(lines) + "\n"

@@ -36,7 +36,8 @@ def unit_images(source: Source, count: int, size: int) -> dict[str, Tensor]:
     """The first ``count`` pairs as [0, 1] tensors resized to the model's input size."""
     arrays = [source.load(i) for i in range(min(count, len(source)))]
     return {
-        m: F.interpolate(torch.from_numpy(np.stack([a[m] for a in arrays])).permute(0, 3, 1, 2), size=(size, size),
+        m: F.interpolate(torch.from_numpy(np.nan_to_num(np.stack([a[m] for a in arrays]), nan=0.0))  # nodata: 0
+                         .permute(0, 3, 1, 2), size=(size, size),
                          mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
         for m in ("opt", "sar")
     }

@@ -18,7 +18,7 @@ from codemae.data.sampling import HomogeneousBatchSampler, Part, Pools
 from codemae.data.shards import ShardStream, shard_sources
 from codemae.data.skipping import MAX_CONSECUTIVE_SKIPS, retry_readable
 from codemae.data.sources import Source, build_source
-from codemae.data.stats import source_stats
+from codemae.data.stats import FINGERPRINT_LENGTH, source_stats
 from codemae.data.teacher_cache import TeacherFeatureCache
 from codemae.data.transforms import PairedCrop
 from codemae.errors import ConfigError
@@ -100,7 +100,7 @@ def source_fingerprint(source: Source, cfg: SourceConfig) -> str:
     digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode())
     for stem in source.stems:
         digest.update(stem.encode() + b"\n")
-    return digest.hexdigest()[:12]
+    return digest.hexdigest()[:FINGERPRINT_LENGTH]
 
 
 def build_dataset(data: DataConfig, geometry: Geometry, run_dir: Path, write_stats: bool = True,

@@ -60,13 +60,18 @@ class FolderSource(Source):
         self.tiles = self._tiles(listing) if cfg.tile else [(i, 0, 0) for i in range(len(listing.files))]
         self.stems = [listing.stems[i] + (f"@{y}_{x}" if cfg.tile else "") for i, y, x in self.tiles]
         self._decoded: dict[str, tuple[Path, np.ndarray]] = {}
+        self._windowed: dict[Path, bool] = {}
 
     def _tiles(self, listing: Listing) -> list[tuple[int, int, int]]:
         """(file, top, left) of every full tile, from the image headers."""
         size = self.cfg.tile
         tiles = []
         for i, files in enumerate(listing.files):
-            header = read_header(files[self.modalities[0]])
+            header, *others = [read_header(files[m]) for m in self.modalities]
+            for m, other in zip(self.modalities[1:], others):  # tiles are cut by window: check the pair whole
+                if (other.height, other.width) != (header.height, header.width):
+                    raise DataError(f"pair '{listing.stems[i]}': optical {files['opt']} is {header.width}x"
+                                    f"{header.height} but SAR {files[m]} is {other.width}x{other.height}")
             tiles += [(i, y, x) for y in range(0, max(header.height - size, 0) + 1, size)
                       for x in range(0, max(header.width - size, 0) + 1, size)]
         return tiles
@@ -78,12 +83,24 @@ class FolderSource(Source):
         """One tile: a windowed read of a TIFF with the ``geo`` extra (rasterio), else a crop of the
         decoded image, of which each worker keeps the last one per modality (so a scene's consecutive
         tiles decode it once)."""
-        if rasterio is not None and is_tiff(path):
+        if self.windowable(path):
             return load_source_window(self.cfg, self.channels, modality, path, box)
         if self._decoded.get(modality, (None,))[0] != path:
             self._decoded[modality] = (path, load_source_image(self.cfg, self.channels, modality, path))
         top, left, height, width = box
         return self._decoded[modality][1][top:top + height, left:left + width]
+
+    def windowable(self, path: Path) -> bool:
+        """Whether rasterio reads ``path`` as tifffile does (a GeoTIFF, not a stack of pages), checked once."""
+        if path not in self._windowed:
+            same = rasterio is not None and is_tiff(path)
+            if same:
+                header = read_header(path)
+                with open_scene(path) as scene:
+                    same = (scene.height, scene.width, scene.bands, scene.dtype) == \
+                        (header.height, header.width, header.bands, header.dtype)
+            self._windowed[path] = same
+        return self._windowed[path]
 
     def load(self, index: int) -> dict[str, np.ndarray]:
         file, top, left = self.tiles[index]

@@ -16,12 +16,14 @@ from codemae.data.transforms import Normalisation
 from codemae.errors import DataError
 
 log = logging.getLogger(__name__)
+FINGERPRINT_LENGTH = 12  # hex digits of a source's fingerprint in its statistics cache name
 
 
 def compute_stats(source: Source, max_samples: int, indices: np.ndarray | None = None,
                   skip_unreadable: bool = False) -> dict[str, Normalisation]:
     """Per-channel mean and std over up to ``max_samples`` evenly spaced samples (of ``indices``, if
-    given), nodata (NaN) pixels left out; ``skip_unreadable`` passes over samples that fail to load (``data.on_error=skip``)."""
+    given), nodata (NaN) pixels left out; ``skip_unreadable`` passes over samples that fail to load
+    (``data.on_error=skip``)."""
     pool = np.arange(len(source)) if indices is None else np.asarray(indices)
     n = len(pool)
     picks = pool[np.unique(np.linspace(0, n - 1, num=min(n, max_samples)).round().astype(int))]
@@ -103,7 +105,8 @@ def recorded_stats(cfg: SourceConfig, run_dirs: list[Path]) -> dict[str, Normali
         candidates = [Path(cfg.stats)]
     else:
         name = source_name(cfg)
-        candidates = sorted((p for d in run_dirs for p in (d / "stats").glob(f"{name}-*.json")),
+        pattern = f"{name}-{'[0-9a-f]' * FINGERPRINT_LENGTH}.json"  # as build_dataset names the cache
+        candidates = sorted((p for d in run_dirs for p in (d / "stats").glob(pattern)),
                             key=lambda p: p.stat().st_mtime, reverse=True)
     for path in candidates:
         try:

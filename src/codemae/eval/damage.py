@@ -28,6 +28,7 @@ from tqdm import tqdm
 from codemae.data.stats import compute_stats
 from codemae.data.synthetic import DAMAGE_CLASSES
 from codemae.data.transforms import Normalisation
+from codemae.errors import ConfigError
 from codemae.eval.damage_data import NUM_CLASSES, DamageCrops, DamageScenes
 from codemae.eval.device import module_device
 from codemae.eval.finetune import layer_decay_groups
@@ -50,7 +51,7 @@ class DamageProtocol:
     warmup_epochs: int = 1
     batch_size: int = 8
     crops_per_scene: int = 4
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.05
     layer_decay: float = 0.85
     drop_path: float = 0.1
@@ -187,23 +188,22 @@ def train_damage(model: SiameseDamage, crops: DamageCrops, protocol: DamageProto
 def run_damage(load, root: str, protocol: DamageProtocol, seeds: list[int], window: int | None = None) -> dict:
     """Per seed: a fresh encoder from ``load()``, fine-tuned on the train list, scored on val and test
     after the last epoch (nothing is chosen on either)."""
-    channels = load().encoder.channels
-    splits = {s: DamageScenes(root, s, channels) for s in ("train", "val", "test")}
-    for scenes in splits.values():
-        scenes.check_targets()
+    encoder = load().encoder
+    size = window or encoder.img_size
+    if size % encoder.patch_size:
+        raise ConfigError(f"--img-size {size}: not a multiple of the encoder's patch size {encoder.patch_size}")
+    splits = {s: DamageScenes(root, s, encoder.channels) for s in ("train", "val", "test")}
+    counts = {s: scenes.class_counts() for s, scenes in splits.items()}  # reads every label once: bad ones stop here
     norms = compute_stats(splits["train"], protocol.stats_samples)
-    counts = sum(torch.bincount(torch.from_numpy(splits["train"].target(i)).flatten(), minlength=NUM_CLASSES)
-                 for i in range(len(splits["train"])))
     per_seed, val, curves = [], [], []
     for seed in seeds:
         torch.manual_seed(seed)
         model = SiameseDamage(load())
-        size = window or model.method.encoder.img_size
         crops = DamageCrops(splits["train"], norms, size, protocol.crops_per_scene,
                             torch.Generator().manual_seed(seed))
-        curves.append(train_damage(model, crops, protocol, seed, counts))
+        curves.append(train_damage(model, crops, protocol, seed, counts["train"]))
         val.append(evaluate(model, splits["val"], norms, size))
         per_seed.append(evaluate(model, splits["test"], norms, size))
     return {"summary": summarise(per_seed), "val_summary": summarise(val), "train_loss": curves,
             "scenes": {s: len(v) for s, v in splits.items()}, "window": size, "epochs": protocol.epochs,
-            "train_pixels_per_class": dict(zip(DAMAGE_CLASSES, counts.tolist()))}
+            "pixels_per_class": {s: dict(zip(DAMAGE_CLASSES, c.tolist())) for s, c in counts.items()}}

@@ -98,10 +98,11 @@ class DamageScenes(Source):
     def target(self, index: int) -> np.ndarray:
         return read_target(self.files[index]["target"])
 
-    def check_targets(self) -> None:
-        """Read every label raster once, so that a bad value stops the run before training."""
-        for i in range(len(self)):
-            self.target(i)
+    def class_counts(self) -> Tensor:
+        """Pixels per class over every label raster (each read and checked once: a bad value stops the
+        run before any training)."""
+        return sum((torch.bincount(torch.from_numpy(self.target(i)).flatten(), minlength=NUM_CLASSES)
+                    for i in range(len(self))), torch.zeros(NUM_CLASSES, dtype=torch.long))
 
     def tensors(self, index: int, norms: dict[str, Normalisation]) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised pre (C, H, W), post (C, H, W) and the target (H, W) of scene ``index``."""

@@ -117,4 +117,4 @@ class SimplePyramid(nn.Module):
         self.up8 = nn.ConvTranspose2d(dim, dim, 2, 2)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        return [self.up4(x), self.up8(x), x, F.max_pool2d(x, 2, 2)]
+        return [self.up4(x), self.up8(x), x, F.max_pool2d(x, 2, 2, ceil_mode=True)]

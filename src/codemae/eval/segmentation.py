@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_jaccard_index
+from tqdm import tqdm
 
 from codemae.config import ScalingConfig, SourceConfig, SyntheticConfig
 from codemae.data.readers import read_raster, unit_array, valid_pixels
@@ -78,7 +79,8 @@ class Recipe:
                   (0 <= self.drop_path < 1, "drop-path", "in [0, 1)"),
                   (self.weight_decay >= 0, "weight-decay", ">= 0"),
                   (0 <= self.min_lr <= self.lr, "min-lr", f"in [0, lr {self.lr}]"),
-                  (self.warmup_iters < self.iters, "warmup-iters", f"below --iters {self.iters}")]
+                  (self.warmup_iters < self.iters, "warmup-iters", f"below --iters {self.iters}"),
+                  (self.batch_size >= 2, "batch-size", ">= 2 (the heads' BatchNorm needs two crops)")]
         for ok, flag, expected in checks:
             if not ok:
                 raise ConfigError(f"--{flag} {getattr(self, flag.replace('-', '_'))}: expected {expected}")
@@ -135,7 +137,7 @@ class Segmenter(nn.Module):
             return maps
         if self.neck is not None:
             return self.neck(maps[0])
-        return [*maps[::-1], F.max_pool2d(maps[0], 2, 2)]
+        return [*maps[::-1], F.max_pool2d(maps[0], 2, 2, ceil_mode=True)]  # ceil: odd sizes keep a border
 
     def outputs(self, images: dict[str, Tensor]) -> dict[str, Tensor]:
         """``main`` (and with the auxiliary head ``aux``) logits, bilinearly resized to the input."""
@@ -191,7 +193,10 @@ def folder_segmentation(root: str, masks: str, channels: dict[str, int], nodata:
             raise DataError(f"label raster {path} is {mask.shape[1]}x{mask.shape[0]} but its image "
                             f"'{source.stems[i]}' is {arrays['opt'].shape[1]}x{arrays['opt'].shape[0]}")
         mask[mask == nodata] = IGNORE
-        images.append({m: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() for m, a in arrays.items()})
+        for a in arrays.values():  # a file's nodata pixels (NaN): ignored in the labels, 0 in the image
+            mask[torch.from_numpy(np.isnan(a).any(2))] = IGNORE
+        images.append({m: torch.from_numpy(np.nan_to_num(a, nan=0.0)).permute(2, 0, 1).float()
+                       for m, a in arrays.items()})
         maps.append(mask)
     return labelled(images, maps, list(source.stems))
 
@@ -318,7 +323,7 @@ def train_segmenter(model: Segmenter, data: SegmentationData, train_idx: np.ndar
     params = [p for g in optimizer.param_groups for p in g["params"]]
     log: dict[str, list] = {"lr": [], "loss": []}
     model.train()
-    for it in range(recipe.iters):
+    for it in tqdm(range(recipe.iters), desc=f"segmentation (seed {seed})", unit="it", disable=None, leave=False):
         lr = poly_lr_at(it, recipe.lr, recipe.iters, recipe.power, recipe.min_lr, recipe.warmup_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]

@@ -29,7 +29,7 @@ def write_teacher_cache(teacher: Teacher, source: Source, directory: str | Path,
     device = next(iter(teacher.buffers())).device
     for start in tqdm(range(0, len(source), batch_size), desc=f"teacher features of {source.name}",
                       disable=not progress):
-        images = [torch.from_numpy(source.load(i)["opt"]).permute(2, 0, 1)[None]
+        images = [torch.from_numpy(np.nan_to_num(source.load(i)["opt"], nan=0.0)).permute(2, 0, 1)[None]  # nodata: 0
                   for i in range(start, min(start + batch_size, len(source)))]
         batch = torch.cat([F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False,
                                          antialias=True) for x in images]).to(device)
