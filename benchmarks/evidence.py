@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mstar-train", help="MSTAR training chips, <class>/<image> (default: the fixed split)")
     p.add_argument("--mstar-test", help="MSTAR test chips, <class>/<image> (e.g. the 15-degree SOC set)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--epochs", type=int, help="the same pretraining epochs for every method instead of the epochs that "
+                                              "fit --hours at each one's measured step time (--hours still caps it)")
     p.add_argument("--shots", type=int, nargs="+", default=[10, 40])
     p.add_argument("--probe-seeds", type=int, default=5)
     p.add_argument("--ft-seeds", type=int, default=3)
@@ -112,11 +114,14 @@ class Study:
         """Time a few steps, then pretrain for the epochs that fit ``--hours``; the checkpoint."""
         config = f"{CONFIGS}/{METHODS[name][0]}"
         common = [f"data.root={self.data.resolve()}", "train.progress=false", *self.mstar_pretrain_overrides()]
-        timing = self.out / "timing" / name
-        self.run(f"timing_{name}", ["pretrain", "--config", config, f"run_dir={timing}",
-                                    f"train.max_steps={TIMING_STEPS}", *common], timing / "summary.json")
-        epochs, warmup = budget_epochs(json.loads((timing / "summary.json").read_text()),
-                                       read_epochs(timing), self.args.hours)
+        if self.args.epochs:
+            epochs, warmup = self.args.epochs, round(0.1 * self.args.epochs, 2)
+        else:
+            timing = self.out / "timing" / name
+            self.run(f"timing_{name}", ["pretrain", "--config", config, f"run_dir={timing}",
+                                        f"train.max_steps={TIMING_STEPS}", *common], timing / "summary.json")
+            epochs, warmup = budget_epochs(json.loads((timing / "summary.json").read_text()),
+                                           read_epochs(timing), self.args.hours)
         run_dir = self.out / "pretrain" / name
         self.run(f"pretrain_{name}", ["pretrain", "--config", config, f"run_dir={run_dir}", f"train.epochs={epochs}",
                                       f"train.warmup_epochs={warmup}", f"train.max_minutes={self.args.hours * 60}",

@@ -107,6 +107,8 @@ def test_a_mistyped_option_shows_that_subcommands_usage(argv, usage, hint, capsy
      "codemae segment: error: argument --opt-max: expected a finite number, got 'nan'"),
     (["teacher-cache", "--config", "c.yaml", "--batch-size", "-2"],
      "codemae teacher-cache: error: argument --batch-size: must be an integer >= 1, got -2"),
+    (["split-lists", "--data", "d", "--out", "o", "--fractions", "nan", "0.5", "0.5"],
+     "codemae split-lists: error: argument --fractions: expected a finite number, got 'nan'"),
 ])
 def test_an_invalid_number_exits_2_with_one_error_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

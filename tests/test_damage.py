@@ -55,6 +55,11 @@ def test_damage_changes_the_sar_returns_of_the_buildings():
     assert {INTACT, DAMAGED, DESTROYED} <= set(np.unique(target))
     mean = {k: sar[target == k].mean() for k in (INTACT, DAMAGED, DESTROYED)}
     assert mean[INTACT] > mean[DAMAGED] + 0.05 and mean[INTACT] > mean[DESTROYED] + 0.05
+    # layover: the strip beside a standing building is bright, beside a destroyed one it is not
+    shift = 128 // 64
+    strip = {k: np.concatenate([p.sar[:, :, 0][np.roll(p.target == k, -shift, axis=1) & (p.target == 0)]
+                                for p in pairs]).mean() for k in (INTACT, DESTROYED)}
+    assert strip[INTACT] > strip[DESTROYED] + 0.1
     # the optical "before" scene shows every building standing: one roof colour per scene
     for p in pairs:
         roofs = p.optical[p.target > 0]

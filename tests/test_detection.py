@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 
 from codemae.cli import main
 from codemae.eval.detection import (Detector, DetectionRecipe, EncoderFPN, detection_metrics, lr_factor,
-                                    schedule, train_detector)
+                                    schedule, train_detector, training_targets)
 from codemae.eval.detection_data import (DetectionImages, detection_sets, multiscale_sizes, train_transform,
                                          twin_split)
 from codemae.eval.finetune import layer_decay_groups
@@ -164,6 +164,14 @@ def test_map_of_perfect_predictions_is_100_and_of_none_0() -> None:
     assert good == {"mAP50": 100.0, "mAP50:95": 100.0, "AP50 car": 100.0, "AP50 tank": 100.0}
     bad = detection_metrics(none, targets, ["car", "tank"])
     assert bad == {"mAP50": 0.0, "mAP50:95": 0.0, "AP50 car": 0.0, "AP50 tank": 0.0}
+    crowd = [dict(targets[0]), targets[1]]  # a detection on an ignored (difficult / crowd) box costs nothing
+    crowd[0]["boxes"] = torch.cat([targets[0]["boxes"], torch.tensor([[50., 50, 60, 60]])])
+    crowd[0]["labels"], crowd[0]["iscrowd"] = torch.tensor([0, 1, 0]), torch.tensor([0, 0, 1])
+    extra = [dict(perfect[0]), perfect[1]]
+    extra[0]["boxes"] = crowd[0]["boxes"]
+    extra[0]["labels"], extra[0]["scores"] = crowd[0]["labels"], torch.tensor([1.0, 1.0, 0.9])
+    assert detection_metrics(extra, crowd, ["car", "tank"]) == good
+    assert training_targets(crowd, torch.device("cpu"))[0]["labels"].tolist() == [1, 2]  # ignored dropped, +1
     half = [perfect[0], none[1]]  # the second image's tank missed: tank AP50 = recall 1/2 at precision 1
     assert detection_metrics(half, targets, ["car", "tank"])["AP50 tank"] == pytest.approx(50.5, abs=0.6)
 

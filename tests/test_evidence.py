@@ -164,3 +164,16 @@ def test_table_shows_mean_and_std_of_each_output_and_dashes_for_missing(evidence
     assert "| joint MAE | 61.2 +- 1.5 | - | - | - |" in text
     assert "| joint MAE | 50.00 | 100.00 | 1.50 | 50.00 | 100.00 | 1.50 |" in text and "chance R@1 25.00" in text
     assert json.loads((tmp_path / "evidence.json").read_text())["rows"][0]["probe 40-shot"]["mean"] == 61.25
+
+
+def test_equal_epochs_skip_the_timing_run_and_the_budget_still_caps(evidence, tmp_path, monkeypatch):
+    args = evidence.parse_args(["--out", str(tmp_path), "--epochs", "3", "--hours", "0.2",
+                                "--mstar-train", "given/train", "--mstar-test", "given/test"])
+    study, calls = evidence.Study(args, tmp_path), []
+    monkeypatch.setattr(study, "run", lambda step, argv, done: calls.append((step, argv, done)))
+    assert study.pretrain("codemae") == tmp_path / "pretrain" / "codemae" / "checkpoints" / "last.pt"
+    (step, argv, done), = calls
+    assert step == "pretrain_codemae" and done == tmp_path / "pretrain" / "codemae" / "summary.json"
+    assert {"train.epochs=3", "train.warmup_epochs=0.3", "train.max_minutes=12.0",
+            f"data.sources.1.root={Path('given/train').resolve()}"} <= set(argv)
+    assert argv[:3] == ["pretrain", "--config", "configs/pretrain/evidence_codemae.yaml"]

@@ -169,6 +169,35 @@ def test_version_1_exports_still_load_without_statistics(vit_run, tmp_path):
     assert encoder.normalised == [] and "before codemae recorded" in encoder.meta["normalisation_note"]
 
 
+def test_the_checkpoints_own_run_folder_gives_the_statistics_before_the_configs(tmp_path):
+    """A checkpoint moved to another run folder takes that folder's statistics, even when the run folder its
+    config names holds a newer cache of the same source."""
+    import os
+    import shutil
+
+    ckpt = run(tmp_path / "run")  # its config's run_dir: tmp_path / "run"
+    (original,) = (tmp_path / "run" / "stats").glob("*.json")
+    moved = tmp_path / "moved"
+    (moved / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt, moved / "checkpoints" / "last.pt")
+    own = {m: {"mean": [0.25] * len(s.mean), "std": [0.5] * len(s.std)} for m, s in run_stats(ckpt).items()}
+    (moved / "stats").mkdir()
+    (moved / "stats" / original.name).write_text(json.dumps({**own, "samples": 8}))
+    os.utime(original, (original.stat().st_atime, (moved / "stats" / original.name).stat().st_mtime + 60))
+    meta = codemae.load_encoder(str(export_encoder(moved / "checkpoints" / "last.pt", tmp_path / "enc"))).meta
+    assert meta["normalisation"] == own
+
+
+def test_a_converted_encoder_takes_no_statistics_from_its_configs_run_folder(vit_run, tmp_path):
+    """``write_export`` (``codemae convert``) writes weights trained elsewhere: the statistics cached in the run
+    folder its config happens to name are not theirs."""
+    from codemae.export import write_export
+
+    config = torch.load(vit_run, weights_only=True)["config"]  # run_dir: vit_run's run folder, with its stats
+    out = write_export(load_method(vit_run), config, tmp_path / "conv", {"checkpoint": "published.pth", "step": None})
+    assert codemae.load_encoder(str(out)).meta["normalisation"] == {"opt": None, "sar": None}
+
+
 def test_eval_commands_still_take_an_export_folder(vit_run, tmp_path):
     method = load_export_method(export_encoder(vit_run, tmp_path / "enc"))
     x = {"opt": images(3)}
@@ -177,12 +206,16 @@ def test_eval_commands_still_take_an_export_folder(vit_run, tmp_path):
     assert method.encoder_only
 
 
-@pytest.mark.parametrize("fault", ["no config", "other architecture"])
+@pytest.mark.parametrize("fault", ["no config", "malformed config", "other architecture"])
 def test_bad_export_folders_exit_2_in_one_line(vit_run, tmp_path, capsys, fault):
     out = export_encoder(vit_run, tmp_path / "enc")
     if fault == "no config":
         (out / "config.json").unlink()
         expected = "config.json: not a readable export config"
+    elif fault == "malformed config":
+        meta = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**meta, "version": "2", "normalisation": None}))
+        expected = "config.json: not a codemae encoder export"
     else:
         other = run(tmp_path / "other", model={**VIT, "embed_dim": 64})
         weights = load_file(str(export_encoder(other, tmp_path / "other_enc") / WEIGHTS["codemae"]))
@@ -255,6 +288,25 @@ def test_embed_scene_stitching_matches_the_whole_scene_and_a_single_window(vit_r
         assert np.allclose(out.read(), encoder.feature_map(x, "opt")[0].numpy(), atol=1e-5)
 
 
+def test_embed_scene_of_partial_patches_keeps_its_windows_on_the_patch_grid(vit_run, tmp_path):
+    """A scene whose size is not a multiple of the patch size gives the feature map of its whole patches
+    (the last windows start on the patch grid, not flush with the scene's edge), with a note."""
+    import rasterio
+
+    from codemae.eval.embed import embed_scene
+
+    encoder = codemae.load_encoder(str(export_encoder(vit_run, tmp_path / "enc")))
+    data = scene_data(90, 70)
+    maps, notes = [], []
+    for name, values in (("partial", data), ("whole", np.ascontiguousarray(data[:, :80, :64]))):
+        notes.append(embed_scene(encoder, write_scene(tmp_path / f"{name}.tif", values, nodata=None), "opt",
+                                 tmp_path / f"{name}_f.tif", 32, 16, progress=False)["notes"])
+        with rasterio.open(tmp_path / f"{name}_f.tif") as out:
+            maps.append(out.read())
+    assert notes == [["the last 10 rows and 6 columns (part of a patch) are left out"], []]
+    assert maps[0].shape == (32, 5, 4) and np.allclose(maps[0], maps[1], atol=1e-5)
+
+
 def test_embed_scene_without_georeferencing_works_with_a_note(vit_run, tmp_path, capsys):
     scene = write_scene(tmp_path / "plain.tif", scene_data(32, 48), georeferenced=False, nodata=None)
     assert main(["embed", "--checkpoint", str(vit_run), "--input", str(scene), "--modality", "opt",
@@ -287,7 +339,7 @@ def test_embed_folder_writes_one_embedding_per_image_and_an_index(vit_run, tmp_p
         Image.fromarray(a).save(root / f"img{i}.png")
     export = export_encoder(vit_run, tmp_path / "enc")
     assert main(["embed", "--checkpoint", str(export), "--input", str(root), "--modality", "opt",
-                 "--out", str(tmp_path / "emb"), "--batch-size", "2"]) == 0
+                 "--out", str(tmp_path / "emb"), "--batch-size", "2", "--device", "cpu"]) == 0
     assert "embeddings.npy" in capsys.readouterr().out  # pyarrow is not installed here
     got = np.load(tmp_path / "emb" / "embeddings.npy")
     encoder = codemae.load_encoder(str(export))
@@ -350,7 +402,7 @@ def test_embed_folder_of_pairs_concatenates_optical_then_sar(vit_run, tmp_path):
     root = write_pairs(tmp_path / "pairs", n=3, size=32)
     export = export_encoder(vit_run, tmp_path / "enc")
     assert main(["embed", "--checkpoint", str(export), "--input", str(root), "--modality", "both",
-                 "--out", str(tmp_path / "emb")]) == 0
+                 "--out", str(tmp_path / "emb"), "--device", "cpu"]) == 0
     got = np.load(tmp_path / "emb" / "embeddings.npy")
     encoder = codemae.load_encoder(str(export))
     source = FolderSource(SourceConfig(kind="paired", root=str(root), holdout=[]), encoder.encoder.channels)

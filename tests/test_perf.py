@@ -177,3 +177,23 @@ def test_against_official_on_a_tiny_config():
         s = result[f"speedup_{clock}"]
         assert 0 < s["min"] <= s["median"] <= s["max"]
         assert all(result[f"{clock}_s"][m]["median"] > 0 for m in ("official", "codemae"))
+
+
+def test_attention_reaches_sdpa_without_masks_and_with_unit_stride(monkeypatch):
+    """What keeps the flash / memory-efficient kernels reachable on a GPU: no attention mask, no dropout, no
+    causal flag, and q, k, v whose last dimension is contiguous."""
+    import torch.nn.functional as F
+
+    from codemae.models import attention
+
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        calls.append((args, kwargs, [t.stride(-1) for t in (q, k, v)]))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
+    x = torch.randn(2, 5, 8)
+    attention.Attention(8, 2)(x)
+    attention.CrossAttention(8, 2)(x, torch.randn(2, 3, 8))
+    assert calls == [((), {}, [1, 1, 1])] * 2

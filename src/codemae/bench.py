@@ -30,18 +30,19 @@ PIPELINE_WORKERS = (0, 1, 2)
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 4096,
-                       repeats: int = 10) -> float:
-    """Best-of-``repeats`` GFLOP/s of an ``n x n`` matmul (2 n^3 FLOPs) on ``device`` in ``dtype``."""
+                       repeats: int = 10, clock=time.perf_counter) -> float:  # noqa: ANN001 (a clock function)
+    """Best-of-``repeats`` GFLOP/s of an ``n x n`` matmul (2 n^3 FLOPs) on ``device`` in ``dtype``; per second
+    of ``clock`` (wall time, or ``time.process_time``: per CPU-second of this process, on a CPU)."""
     n = n if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         a @ b
         _sync(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return 2 * n**3 / best / 1e9
 
 
@@ -107,7 +108,9 @@ def measure_backbone(backbone: str, img_size: int, batch: int, steps: int, threa
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times: dict[str, list[float]] = {"data": [], "forward": [], "backward": [], "optimizer": []}
+    cpu_s = []
     for i in range(steps + 2):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         data = fetch()
         _sync(device)
@@ -123,6 +126,7 @@ def measure_backbone(backbone: str, img_size: int, batch: int, steps: int, threa
         _sync(device)
         t4 = time.perf_counter()
         if i >= 2:
+            cpu_s.append(time.process_time() - c0)
             for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 times[key].append(value)
     batches.close()
@@ -143,6 +147,10 @@ def measure_backbone(backbone: str, img_size: int, batch: int, steps: int, threa
         "utilisation": round(step_flops / mean_step / 1e9 / peak, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    if device.type == "cpu":  # the same ratio per CPU-second: unaffected by other processes sharing the cores
+        cpu_peak = matmul_peak_gflops(device, clock=time.process_time)
+        result |= {"step_cpu_s": round(statistics.mean(cpu_s), 4),
+                   "utilisation_cpu_time": round(step_flops / statistics.mean(cpu_s) / 1e9 / cpu_peak, 3)}
     if device.type == "cuda":
         result["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return result
@@ -180,9 +188,9 @@ def in_fresh_process(function, *args):
     return result
 
 
-STEP_COLUMNS = ("backbone", "precision", "compiled", "params_m", "pairs_per_s", "step_s", "data_s", "forward_s", "backward_s",
-                "optimizer_s", "step_gflop", "achieved_gflops", "matmul_peak_gflops", "utilisation", "peak_rss_mb",
-                "cuda_peak_mb")
+STEP_COLUMNS = ("backbone", "precision", "compiled", "params_m", "pairs_per_s", "step_s", "data_s", "forward_s",
+                "backward_s", "optimizer_s", "step_gflop", "achieved_gflops", "matmul_peak_gflops", "utilisation",
+                "step_cpu_s", "utilisation_cpu_time", "peak_rss_mb", "cuda_peak_mb")
 
 
 def run_bench(backbones: list[str], img_size: int, batch: int, steps: int, threads: int | None,

@@ -330,7 +330,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from codemae.config import ScalingConfig
-    from codemae.errors import ConfigError
     from codemae.eval.device import resolve_device
     from codemae.eval.features import method_to_evaluate
     from codemae.eval.segmentation import (SCENE_SPLIT, Recipe, choose_split, folder_segmentation,
@@ -433,8 +432,6 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from codemae.analysis.collect import collect
     from codemae.analysis.report import Analysis, write_report
     from codemae.eval.device import resolve_device
@@ -779,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "knn and finetune, when a dataset has no official split of its own.")
     p.add_argument("--data", required=True, help="class-folder tree (<class>/<image>)")
     p.add_argument("--out", required=True, help="folder for the lists (keep it out of the repository, e.g. runs/)")
-    p.add_argument("--fractions", type=float, nargs=3, default=[0.6, 0.2, 0.2], metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--fractions", type=finite_float, nargs=3, default=[0.6, 0.2, 0.2], metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=cmd_split_lists)
 

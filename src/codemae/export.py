@@ -213,8 +213,9 @@ def export_encoder(checkpoint: str | Path, out: str | Path, fmt: str = "codemae"
 
 
 def write_export(method: PretrainMethod, config: dict, out: str | Path, origin: dict) -> Path:
-    """``method``'s encoder (of the plain-data ``config``, weights from ``origin``) as a codemae export."""
-    meta = describe(config, method.encoder, origin, [Path(config.get("run_dir", "runs/default"))])
+    """``method``'s encoder (of the plain-data ``config``, weights from ``origin``: converted, not trained in
+    ``config``'s run folder, so only statistics the config itself gives are recorded) as a codemae export."""
+    meta = describe(config, method.encoder, origin, [])
     return write_folder(with_encoder(meta, method.encoder), out, "codemae")
 
 
@@ -268,12 +269,15 @@ def timm_state(exported: ExportedEncoder, modality: str) -> tuple[dict[str, Tens
 
 
 def read_meta(directory: Path) -> dict:
+    """An export folder's ``config.json``, refused in one line unless a codemae (or hf) encoder export."""
     try:
         meta = json.loads((directory / CONFIG).read_text())
     except (OSError, ValueError) as err:
         raise DataError(f"{directory / CONFIG}: not a readable export config ({err})") from err
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or \
-            ("training_config" if meta.get("version", 1) >= VERSION else "config") not in meta:
+    version = meta.get("version", 1) if isinstance(meta, dict) else None
+    if not isinstance(version, int) or meta.get("format") != FORMAT or \
+            ("training_config" if version >= VERSION else "config") not in meta or \
+            (version >= VERSION and not isinstance(meta.get("normalisation"), dict)):
         raise DataError(f"{directory / CONFIG}: not a codemae encoder export")
     if meta.get("export_format") == "timm":
         raise DataError(f"{directory}: a timm-format export; load it with timm.create_model(**config['timm']) "
@@ -288,8 +292,7 @@ def load_encoder(directory: str | Path, device: str | torch.device = "cpu") -> E
     """
     directory = Path(directory)
     meta = read_meta(directory)
-    path = next((directory / n for n in dict.fromkeys(WEIGHTS.values()) if (directory / n).is_file()),
-                directory / WEIGHTS["codemae"])
+    path = directory / WEIGHTS.get(meta.get("export_format"), WEIGHTS["codemae"])
     try:
         weights = load_file(str(path))
     except (OSError, SafetensorError) as err:

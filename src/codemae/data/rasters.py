@@ -29,6 +29,7 @@ try:
 except ImportError:  # pragma: no cover - the geo extra is optional
     rasterio = None
 
+
 @dataclass
 class Scene:
     """An open raster: size, bands, pixel type, georeferencing (None without rasterio or when the file has

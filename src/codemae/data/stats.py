@@ -94,8 +94,9 @@ def source_stats(source: Source, cfg: SourceConfig, cache: Path, samples: int, w
 
 def recorded_stats(cfg: SourceConfig, run_dirs: list[Path]) -> dict[str, Normalisation] | None:
     """The normalisation a finished run used for source ``cfg``: from its config (``none``, ``given``),
-    its stats file, or (``auto``) the newest cache under ``<run_dir>/stats`` of ``run_dirs``; None when
-    none is found (a shard set keeps its statistics in its manifest, not the run folder)."""
+    its stats file, or (``auto``) the newest cache under ``<run_dir>/stats`` of the first of ``run_dirs``
+    that has one; None when none is found (a shard set keeps its statistics in its manifest, not the run
+    folder)."""
     modalities = source_modalities(cfg)
     if cfg.stats == "none":
         return {m: Normalisation([0.0], [1.0]) for m in modalities}
@@ -106,8 +107,8 @@ def recorded_stats(cfg: SourceConfig, run_dirs: list[Path]) -> dict[str, Normali
     else:
         name = source_name(cfg)
         pattern = f"{name}-{'[0-9a-f]' * FINGERPRINT_LENGTH}.json"  # as build_dataset names the cache
-        candidates = sorted((p for d in run_dirs for p in (d / "stats").glob(pattern)),
-                            key=lambda p: p.stat().st_mtime, reverse=True)
+        candidates = [p for d in run_dirs  # the first run folder that has one, its newest first
+                      for p in sorted((d / "stats").glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)]
     for path in candidates:
         try:
             return load_stats(path, modalities)

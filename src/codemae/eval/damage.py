@@ -141,16 +141,17 @@ def damage_scores(confusion: Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def predict_scene(model: SiameseDamage, pre: Tensor, post: Tensor, window: int, progress: bool = False) -> Tensor:
+def predict_scene(model: SiameseDamage, pre: Tensor, post: Tensor, window: int) -> Tensor:
     """(H, W) damage labels of one scene: sliding windows at half-window stride, logits averaged."""
     model.eval()
     device = module_device(model)
     logits = sliding_window(lambda crops: model(crops[0], crops[1]), [pre.to(device), post.to(device)], window,
-                            max(window // 2, 1), progress=progress)
+                            max(window // 2, 1))
     return damage_map(logits).cpu()
 
 
 def evaluate(model: SiameseDamage, scenes: DamageScenes, norms: dict[str, Normalisation], window: int) -> dict:
+    """:func:`damage_scores` of ``model``'s sliding-window predictions over every scene of ``scenes``."""
     confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
     for i in tqdm(range(len(scenes)), desc=f"predicting {scenes.name}", disable=None, leave=False):
         pre, post, target = scenes.tensors(i, norms)

@@ -177,26 +177,20 @@ def detection_sets(data: str, fmt: str, train_split: str | None, train: str | No
     root = Path(data)
     if not root.is_dir():
         raise DataError(f"--data {data}: not a folder")
-    clipped, notes = 0, []
+    notes = []
     if fmt == "voc":
-        train_items, c = read_voc(root, voc_list(root, train_split or "trainval", train))
-        clipped += c
-        test_items = None
-        if test:
-            test_items, c = read_voc(root, read_list(Path(test)))
-            clipped += c
         known = None
+        train_items, clipped = read_voc(root, voc_list(root, train_split or "trainval", train))
+        test_items, more = read_voc(root, read_list(Path(test))) if test else (None, 0)
     elif fmt == "coco":
-        if not train:
-            raise ConfigError("--format coco needs --train ANNOTATIONS.json (and --test, or a split is made)")
-        train_items, known, c = read_coco(train, root)
-        clipped += c
-        test_items = None
-        if test:
-            test_items, _, c = read_coco(test, root)
-            clipped += c
+        if not train or train_split:
+            raise ConfigError("--format coco needs --train ANNOTATIONS.json, not --train-split "
+                              "(and --test, or a split is made)")
+        train_items, known, clipped = read_coco(train, root)
+        test_items, _, more = read_coco(test, root) if test else (None, None, 0)
     else:
         raise ConfigError(f"--format {fmt}: choose voc or coco")
+    clipped += more
     if test_items is None:
         tr, te = twin_split([it.image.stem for it in train_items], test_fraction, split_seed)
         test_items, train_items = [train_items[i] for i in te], [train_items[i] for i in tr]

@@ -22,7 +22,9 @@ from codemae.config import ScalingConfig, SourceConfig
 from codemae.data.rasters import Scene, open_scene, rasterio, write_feature_map
 from codemae.data.readers import to_unit_range
 from codemae.data.sources import FolderSource
+from codemae.data.transforms import Normalisation
 from codemae.errors import ConfigError, DataError
+from codemae.eval.device import inference_autocast, module_device
 from codemae.eval.sliding_window import sliding_window, window_starts
 from codemae.export import ExportedEncoder, encoder_from_checkpoint, load_encoder
 
@@ -42,14 +44,15 @@ def embed_folder(encoder: ExportedEncoder, root: str | Path, modality: str, out:
     ``out/embeddings.parquet`` (with pyarrow) or ``out/embeddings.npy``, and ``out/index.csv``."""
     kind = "paired" if modality == "both" else modality
     source = FolderSource(SourceConfig(name="embed", kind=kind, root=str(root), holdout=[]), encoder.encoder.channels)
-    device, size = next(encoder.parameters()).device, encoder.encoder.img_size
+    device, size = module_device(encoder), encoder.encoder.img_size
     rows = []
     for first in tqdm(range(0, len(source), batch_size), desc="batches", disable=not progress):
         samples = [source.load(i) for i in range(first, min(first + batch_size, len(source)))]
         batch = {m: torch.stack([resized(s[m], size, encoder, m) for s in samples]).to(device)
                  for m in source.modalities}
-        outputs = encoder.encode(batch)
-        rows.append(torch.cat([outputs[m].tokens.mean(1) for m in source.modalities], dim=1).float().cpu())
+        with inference_autocast(device):
+            outputs = encoder.encode(batch)
+        rows.append(torch.cat([outputs[m].tokens.float().mean(1) for m in source.modalities], dim=1).cpu())
     embeddings = torch.cat(rows).numpy()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "index.csv", "w", newline="") as f:
@@ -80,12 +83,12 @@ def resized(array: np.ndarray, size: int, encoder: ExportedEncoder, modality: st
 
 def fill_nodata(x: Tensor, encoder: ExportedEncoder, modality: str) -> Tensor:
     """NaN pixels of (C, H, W) [0, 1] values set to the training mean (0 once normalised; 0 if unknown)."""
-    mean = getattr(encoder, f"{modality}_mean", None)
-    fill = torch.zeros(x.shape[0], 1, 1) if mean is None else mean.cpu().expand(x.shape[0], 1, 1)
-    return torch.where(torch.isnan(x), fill.to(x.dtype).expand_as(x), x)
+    norm = encoder.meta["normalisation"].get(modality)
+    return Normalisation(**norm).fill_nodata(x) if norm else torch.nan_to_num(x, nan=0.0)
 
 
 def check_tiling(tile: int, overlap: int, patch: int) -> None:
+    """Refuse (one line) a window or overlap that is not a multiple of the patch size, or overlap >= tile."""
     if tile <= 0 or tile % patch:
         raise ConfigError(f"--tile {tile}: must be a positive multiple of the patch size {patch}")
     if overlap < 0 or overlap >= tile or overlap % patch:
@@ -115,26 +118,30 @@ def embed_scene(encoder: ExportedEncoder, path: str | Path, modality: str, out: 
     with open_scene(path) as scene:
         if scene.height < p or scene.width < p:
             raise DataError(f"{path}: {scene.height}x{scene.width} pixels, smaller than one patch ({p} px)")
-        if scene.height < tile or scene.width < tile:
-            notes.append(f"the scene ({scene.height}x{scene.width}) is smaller than one tile ({tile}): padded")
-        rows = window_starts(scene.height, tile, stride)
-        per_strip = max(1, (strip_values // max(scene.width * scene.bands, 1) - tile) // stride + 1)
         grid_h, grid_w = scene.height // p, scene.width // p
+        height, width = grid_h * p, grid_w * p  # whole patches only: every window starts on the patch grid
+        if (height, width) != (scene.height, scene.width):
+            notes.append(f"the last {scene.height - height} rows and {scene.width - width} columns (part of a "
+                         "patch) are left out")
+        if height < tile or width < tile:
+            notes.append(f"the scene ({scene.height}x{scene.width}) is smaller than one tile ({tile}): padded")
+        rows = window_starts(height, tile, stride)
+        per_strip = max(1, (strip_values // max(width * scene.bands, 1) - tile) // stride + 1)
         total = np.zeros((encoder.encoder.embed_dim, grid_h, grid_w), dtype=np.float32)
         seen = np.zeros((grid_h, grid_w), dtype=bool)  # patches with at least one valid pixel
         counts = coverage([y // p for y in rows], tile // p, grid_h)
         strips = [rows[i:i + per_strip] for i in range(0, len(rows), per_strip)]
+        device = module_device(encoder)
         for strip in tqdm(strips, desc="strips", disable=not progress):
-            top, height = strip[0], min(strip[-1] + tile, scene.height) - strip[0]
-            x, valid = strip_input(scene, encoder, modality, top, height)
-            features = sliding_window(lambda crops: encoder.feature_map(crops[0], modality).float(),
-                                      [x.to(next(encoder.parameters()).device)], tile, stride, out_stride=p,
-                                      batch_size=batch_size)
+            top = strip[0]
+            x, valid = strip_input(scene, encoder, modality, top, min(strip[-1] + tile, height) - top, width)
+            with inference_autocast(device):
+                features = sliding_window(lambda crops: encoder.feature_map(crops[0], modality).float(),
+                                          [x.to(device)], tile, stride, out_stride=p, batch_size=batch_size)
             own = coverage([(y - top) // p for y in strip], tile // p, features.shape[1])
             g0 = top // p
             total[:, g0:g0 + features.shape[1]] += (features.cpu().numpy() * own[None, :, None]).astype(np.float32)
-            cropped = valid[:features.shape[1] * p, :grid_w * p]
-            seen[g0:g0 + features.shape[1]] |= cropped.reshape(features.shape[1], p, grid_w, p).any((1, 3))
+            seen[g0:g0 + features.shape[1]] |= valid.reshape(features.shape[1], p, grid_w, p).any((1, 3))
         features = total / counts[None, :, None].astype(np.float32)
         features[:, ~seen] = np.nan
         if not scene.georeferenced:
@@ -148,11 +155,11 @@ def embed_scene(encoder: ExportedEncoder, path: str | Path, modality: str, out: 
             "nodata_patches": int((~seen).sum()), "notes": notes}
 
 
-def strip_input(scene: Scene, encoder: ExportedEncoder, modality: str, top: int, height: int
+def strip_input(scene: Scene, encoder: ExportedEncoder, modality: str, top: int, height: int, width: int
                 ) -> tuple[Tensor, np.ndarray]:
-    """Rows [top, top + height) as (C, h, W) [0, 1] values (nodata filled with the training mean) and the
-    (h, W) validity mask."""
-    raw, valid = scene.read(top, 0, height, scene.width)
+    """Rows [top, top + height) of columns [0, width) as (C, h, w) [0, 1] values (nodata filled with the
+    training mean) and the (h, w) validity mask."""
+    raw, valid = scene.read(top, 0, height, width)
     channels = encoder.encoder.channels[modality]
     if raw.shape[2] != channels and not (raw.shape[2] == 1 and modality == "sar"):
         raise DataError(f"{scene.path}: has {raw.shape[2]} bands but the encoder's {modality} input takes {channels}")
@@ -163,4 +170,5 @@ def strip_input(scene: Scene, encoder: ExportedEncoder, modality: str, top: int,
 
 
 def output_name(scene: str | Path) -> str:
+    """The feature map's file name for ``scene``: ``<stem>_features.tif``."""
     return f"{Path(scene).stem}_features.tif"

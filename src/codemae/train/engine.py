@@ -343,8 +343,10 @@ class Trainer:
     def out_of_time(self) -> bool:
         """Whether this run has trained for ``train.max_minutes`` in this process (checked after each step;
         rank 0's clock decides for every rank, so all stop at the same step)."""
+        if not math.isfinite(self.deadline):  # no limit: no tensor, no device round trip each step
+            return False
         over = torch.tensor(float(time.perf_counter() >= self.deadline), device=self.info.device)
-        if self.info.enabled and math.isfinite(self.deadline):
+        if self.info.enabled:
             dist.broadcast(over, 0)
         return bool(over)
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The evidence recipe search (docs/evidence.md), on VALIDATION data only: each candidate pretrains for
+# 5 epochs (one knob changed from configs/pretrain/evidence_mae.yaml), then a 40-shot linear probe (3
+# seeds) scores it on a re-split of the MSTAR TRAIN part (links in $OUT/mstar_pool); the test part of
+# the split is never read. About 10 minutes per candidate on one core. Run from anywhere.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/evidence/recipe}
+DATA=${DATA:-../shared/data}
+C=configs/pretrain/evidence_mae.yaml
+CODEMAE=".venv/bin/codemae"
+mkdir -p "$OUT"
+# the study's split (train / val / test lists and split.csv), and links to its train chips
+.venv/bin/python - "$OUT" "$DATA" <<'PY'
+import sys
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from evidence import write_mstar_split
+out, data = Path(sys.argv[1]), Path(sys.argv[2]).resolve()
+lists = write_mstar_split(data / "mstar" / "train_17deg", out / "mstar_split")
+for stem in lists["train"].read_text().split():
+    src = next((data / "mstar" / "train_17deg").glob(stem + ".*"))
+    link = out / "mstar_pool" / (stem + src.suffix)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.is_symlink() or link.symlink_to(src)
+PY
+SPLIT="data.sources.1.split_csv=$OUT/mstar_split/split.csv"
+candidate() {  # name, overrides...
+  local name=$1; shift
+  [ -f "$OUT/$name/summary.json" ] || $CODEMAE pretrain --config $C run_dir="$OUT/$name" train.epochs=5 \
+    train.warmup_epochs=1 train.progress=false "$SPLIT" "$@"
+  probe "$name" --checkpoint "$OUT/$name/checkpoints/last.pt"
+}
+probe() {  # name, encoder...
+  local name=$1; shift
+  [ -f "$OUT/val_probe40_$name.json" ] || $CODEMAE probe "$@" --data "$OUT/mstar_pool" --modality sar --shots 40 \
+    --seeds 3 --centre-crop 128 --out "$OUT/val_probe40_$name.json"
+}
+probe random --random $C
+candidate p8_w05 data.sources.1.weight=0.5
+candidate p16_w05 data.sources.1.weight=0.5 model.patch_size=16
+candidate p8_w10 data.sources.1.weight=1.0
