@@ -545,7 +545,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from codemae.eval.report import write_json
     from codemae.official import load_classifier
 
-    model = load_classifier(args.classifier)
+    from codemae.eval.device import resolve_device
+
+    model = load_classifier(args.classifier).to(resolve_device(args.device))
     if len(model.modalities) != 1 or args.modality not in model.modalities:
         raise ConfigError(f"--modality {args.modality}: the classifier takes {', '.join(model.modalities)}")
     data = class_folders(args.data, args.modality, model.encoder.channels)
@@ -689,6 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--std", type=positive_float, nargs="+")
     p.add_argument("--centre-crop", type=positive_int, help="centre-crop to this many pixels before resizing")
     p.add_argument("--out", help="also write the result as JSON here")
+    add_device_arg(p)
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("teacher-cache", help="run the OKD teacher once over the data and store its features",
@@ -713,11 +716,13 @@ def build_parser() -> argparse.ArgumentParser:
         group = encoder_args(p)
         p.add_argument("--data",
                        help="class-folder tree (<class>/<image>), a paired folder with --labels, or 'synthetic'")
-        for part, what in (("train", "training"), ("test", "test"), ("val", "validation (optional)")):
-            p.add_argument(f"--{part}", metavar="DIR|LIST",
-                           help=f"the dataset's own {what} set: a folder laid out like --data, or a split-list "
-                                "file of sample paths relative to --data (one a line); without --train/--test, "
-                                "--data is re-split 60/20/20 (stratified, seed 0)")
+        p.add_argument("--train", metavar="DIR|LIST",
+                       help="the dataset's own training set: a folder laid out like --data, or a split-list file of "
+                            "sample paths relative to --data (one a line); without --train/--test, --data is "
+                            "re-split 60/20/20 (stratified, seed 0)")
+        p.add_argument("--test", metavar="DIR|LIST", help="the dataset's own test set, as --train")
+        p.add_argument("--val", metavar="DIR|LIST", help="optional validation set, as --train (honest results "
+                                                         "select on it; without it, the last epoch)")
         p.add_argument("--labels", help="CSV stem,label (';'-separated labels: multi-label) for a paired folder")
         p.add_argument("--masks", help="folder of per-pixel label rasters (same stems) for a paired folder: "
                                        "multi-label by the 10%%-of-pixels rule")
