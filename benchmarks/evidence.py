@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ft-encoders", nargs="+", help="encoders to fine-tune (default: all, the CNN and random)")
     p.add_argument("--skip", nargs="*", default=[], choices=["finetune", "segment", "compare", "retrieval"],
                    help="evaluations to leave out (a reduced study)")
+    p.add_argument("--table-only", action="store_true", help="only rebuild the table from the outputs already there")
     args = p.parse_args(argv)
     if (args.mstar_train is None) != (args.mstar_test is None):
         p.error("give both --mstar-train and --mstar-test, or neither")
@@ -204,8 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     study = Study(args, out)
+    command = [sys.executable, *sys.argv] if argv is None else argv
+    from evidence_table import write_table  # noqa: PLC0415 (benchmarks/ is the script's folder)
+
     if (out / "times.json").exists():
         study.times = json.loads((out / "times.json").read_text())
+    if args.table_only:
+        write_table(out, args, args.methods, command)
+        return 0
     checkpoints = {name: study.pretrain(name) for name in args.methods}
     encoders = {"random": ["--random", RANDOM_CONFIG]} | {n: ["--checkpoint", str(c)] for n, c in checkpoints.items()}
     for name, encoder in encoders.items():  # cheap evaluations of every encoder first, fine-tuning last
@@ -215,9 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                               "--split", "val", "--out", str(out / "compare")], out / "compare" / "report.json")
     for name, encoder in {"cnn": ["--cnn", "64"], **encoders}.items():
         study.finetune(name, encoder)
-    from evidence_table import write_table  # noqa: PLC0415 (benchmarks/ is the script's folder)
-
-    write_table(out, args, list(checkpoints), [sys.executable, *sys.argv] if argv is None else argv)
+    write_table(out, args, list(checkpoints), command)
     return 0
 
 

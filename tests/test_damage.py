@@ -17,7 +17,7 @@ from codemae.data.stats import compute_stats
 from codemae.data.synthetic import DAMAGED, DESTROYED, INTACT, generate_damage_pair, land_cover
 from codemae.data.write_synthetic import TASKS, write_synthetic
 from codemae.eval.damage import (LOC_CLASSES, DamageProtocol, SiameseDamage, balanced_weights, damage_loss,
-                                 damage_map, damage_scores, predict_scene, train_damage)
+                                 damage_map, damage_scores, fresh_model, predict_scene, train_damage)
 from codemae.eval.damage_data import DamageCrops, DamageScenes
 from codemae.methods import build_method
 
@@ -155,6 +155,15 @@ def test_siamese_embeds_pre_as_optical_and_post_as_sar(tmp_path):
         model.method.encoder.patch_embed["sar"].proj.weight.add_(1.0)
         changed = model(pre, post)
     assert not torch.allclose(changed, out)
+
+
+def test_each_seed_initialises_its_own_decoder_even_when_loading_reseeds(tmp_path):
+    def load():  # like method_to_evaluate(random_config=...): seeds torch, then builds
+        torch.manual_seed(0)
+        return build_method(tiny_config(tmp_path))
+
+    weights = [fresh_model(load, seed).fuse[0][0].weight for seed in (0, 1, 1)]
+    assert not torch.equal(weights[0], weights[1]) and torch.equal(weights[1], weights[2])
 
 
 def test_scene_prediction_stitches_windows_like_a_manual_loop(tmp_path):

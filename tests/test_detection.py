@@ -247,6 +247,20 @@ def test_cli_end_to_end_reports_and_counts_background(tmp_path: Path, capsys) ->
     assert result["train_images"] + result["test_images"] == 6
 
 
+def test_cli_coco_with_multiscale_training(tmp_path: Path) -> None:
+    images = {f"p{i}.png": (96, 80, [("ship", (5 + 3 * i, 6, 30, 30), False), ("plane", (50, 40, 30, 25), False)])
+              for i in range(4)}
+    train = write_coco(tmp_path / "coco", "train.json", images, ["ship", "plane"])
+    test = write_coco(tmp_path / "coco", "test.json", dict(list(images.items())[:2]), ["ship", "plane"])
+    out = tmp_path / "det.json"
+    code = run_detect(tmp_path, tmp_path / "coco", "--format", "coco", "--train", str(train), "--test", str(test),
+                      "--multiscale", "--img-size", "96", "--out", str(out))  # sizes 64, 96, 128 in one batch
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["classes"] == ["ship", "plane"] and (result["train_images"], result["test_images"]) == (4, 2)
+    assert not result["split"]
+
+
 @pytest.mark.parametrize("case, message", [
     ("outside", "lies outside the 64x64 image"),
     ("no_image", "which does not exist"),

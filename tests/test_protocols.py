@@ -54,8 +54,7 @@ TEST = [f"{c}/{i}.png" for c in CLASSES for i in range(5, 9)]  # 12 images
 VAL = ["a/9.png", "b/9.png", "c/9.png"]
 
 
-def test_given_lists_are_honoured_exactly(tree, tmp_path, monkeypatch):
-    monkeypatch.setattr(splits, "resplit", lambda data: pytest.fail("re-split used although lists were given"))
+def test_given_lists_are_honoured_exactly(tree, tmp_path):
     given = {"train": write_list(tmp_path / "train.txt", TRAIN), "test": write_list(tmp_path / "test.txt", TEST)}
     data, split = splits.given_split(lambda root: class_folders(root, "sar", {"opt": 3, "sar": 1}), str(tree), given)
     stems = data.source.stems
@@ -67,7 +66,8 @@ def test_given_lists_are_honoured_exactly(tree, tmp_path, monkeypatch):
     assert data.source.load(int(split.test[0]))["sar"].shape == (32, 32, 1)
 
 
-def test_probe_and_knn_use_the_given_lists_not_the_resplit(tree, tmp_path, config, capsys):
+def test_probe_and_knn_use_the_given_lists_not_the_resplit(tree, tmp_path, config, capsys, monkeypatch):
+    monkeypatch.setattr(splits, "resplit", lambda data: pytest.fail("re-split used although lists were given"))
     train, test = write_list(tmp_path / "train.txt", TRAIN), write_list(tmp_path / "test.txt", TEST)
     val = write_list(tmp_path / "val.txt", VAL)
     out = tmp_path / "p.json"
@@ -83,6 +83,37 @@ def test_probe_and_knn_use_the_given_lists_not_the_resplit(tree, tmp_path, confi
                  "--test", test, "--seeds", "1", "--k", "3", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert (result["train_size"], result["test_size"]) == (4, 12)
+
+
+def test_k_shot_draws_come_from_the_given_training_list(tree, tmp_path, config, monkeypatch):
+    from codemae.eval import protocols
+
+    drawn, real = [], protocols.training_indices
+
+    def record(data, pool, *args, **kwargs):
+        picked = real(data, pool, *args, **kwargs)
+        drawn.append(sorted(data.source.stems[i] for i in picked))
+        return picked
+
+    monkeypatch.setattr(protocols, "training_indices", record)
+    assert main(["knn", "--random", config, "--data", str(tree), "--modality", "sar", "--shots", "1", "--seeds", "4",
+                 "--k", "1", "--train", write_list(tmp_path / "train.txt", TRAIN),
+                 "--test", write_list(tmp_path / "test.txt", TEST)]) == 0
+    # one per class from the 4 listed images, where b and c have one each (the whole tree has 10 each)
+    assert len(drawn) == 4 and all(d[0] in ("a/0", "a/1") and d[1:] == ["b/0", "c/0"] for d in drawn)
+
+
+def test_a_folder_sharing_images_with_another_part_is_refused(tree, tmp_path, config, capsys):
+    test = write_list(tmp_path / "test.txt", TEST)
+    common = ["knn", "--random", config, "--data", str(tree), "--modality", "sar", "--seeds", "1"]
+    for parts, message in (((str(tree), test), f"--test {test} holds 'a/5', also in --train {tree}; 12 shared"),
+                           ((str(tree), str(tree)), f"--test {tree} holds 'a/0', also in --train {tree}; 30 shared")):
+        assert main(common + ["--train", parts[0], "--test", parts[1]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    assert main(["knn", "--random", config, "--data", "synthetic", "--multilabel", "--synthetic-n", "20",
+                 "--synthetic-size", "32", "--seeds", "1"]) == 2
+    assert "multi-label data needs probe or finetune" in capsys.readouterr().err
 
 
 def test_given_folders_join_with_classes_matched_by_name(tree, tmp_path):

@@ -9,9 +9,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from codemae import __version__
 from codemae.errors import CodemaeError, ConfigError, one_line
+
+if TYPE_CHECKING:
+    from codemae.eval.data import LabelledSet
+    from codemae.eval.splits import Split
 
 
 # --- command-line conventions shared by every subcommand (docs/cli.md) ------------------------------
@@ -197,7 +202,7 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def labelled_data(args: argparse.Namespace, channels: dict[str, int], root: str | None = None):
+def labelled_data(args: argparse.Namespace, channels: dict[str, int], root: str | None = None) -> LabelledSet:
     """The labelled set in ``root`` (default --data): a class-folder tree, a paired folder with --labels
     or --masks, or 'synthetic'."""
     from codemae.eval.data import class_folders, paired_with_labels, paired_with_masks, synthetic_scenes
@@ -216,7 +221,7 @@ def labelled_data(args: argparse.Namespace, channels: dict[str, int], root: str 
     return class_folders(root, args.modality, channels)
 
 
-def labelled_split(args: argparse.Namespace, channels: dict[str, int]):
+def labelled_split(args: argparse.Namespace, channels: dict[str, int]) -> tuple[LabelledSet, Split]:
     """The labelled set and its split: the given --train/--test[/--val] (folders or split lists of --data),
     else the stratified re-split of --data; printed, so every result says which it used."""
     from codemae.eval.splits import given_split, resplit
@@ -231,7 +236,7 @@ def labelled_split(args: argparse.Namespace, channels: dict[str, int]):
     return data, split
 
 
-def training_shots(args: argparse.Namespace, split) -> int:
+def training_shots(args: argparse.Namespace, split: Split) -> int:
     """--shots, defaulting to 10 on the re-split and to the whole given training set."""
     return args.shots if args.shots is not None else (0 if split.kind == "given" else 10)
 

@@ -186,6 +186,14 @@ def train_damage(model: SiameseDamage, crops: DamageCrops, protocol: DamageProto
     return history
 
 
+def fresh_model(load, seed: int) -> SiameseDamage:
+    """The encoder from ``load()`` and a decoder initialised from ``seed`` (seeded after the load, which
+    may seed torch itself: a random encoder is the same initialisation for every seed)."""
+    method = load()
+    torch.manual_seed(seed)
+    return SiameseDamage(method)
+
+
 def run_damage(load, root: str, protocol: DamageProtocol, seeds: list[int], window: int | None = None) -> dict:
     """Per seed: a fresh encoder from ``load()``, fine-tuned on the train list, scored on val and test
     after the last epoch (nothing is chosen on either)."""
@@ -198,8 +206,7 @@ def run_damage(load, root: str, protocol: DamageProtocol, seeds: list[int], wind
     norms = compute_stats(splits["train"], protocol.stats_samples)
     per_seed, val, curves = [], [], []
     for seed in seeds:
-        torch.manual_seed(seed)
-        model = SiameseDamage(load())
+        model = fresh_model(load, seed)
         crops = DamageCrops(splits["train"], norms, size, protocol.crops_per_scene,
                             torch.Generator().manual_seed(seed))
         curves.append(train_damage(model, crops, protocol, seed, counts["train"]))

@@ -24,6 +24,7 @@ epochs and the last).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -237,13 +238,15 @@ def seed_result(evaluations: dict[int, tuple[Tensor | None, Tensor]], val_labels
 
 
 class WithLabels(torch.utils.data.Dataset):
+    """Evaluation images paired with their labels."""
+
     def __init__(self, images: EvalImages, labels: np.ndarray) -> None:
         self.images, self.labels = images, torch.as_tensor(labels)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[dict[str, Tensor], Tensor]:
         return self.images[i], self.labels[i]
 
 
@@ -253,8 +256,8 @@ def unit_norms(data: LabelledSet, modalities: tuple[str, ...]) -> dict[str, Norm
     return {m: Normalisation([0.0] * channels[m].shape[2], [1.0] * channels[m].shape[2]) for m in modalities}
 
 
-def run_finetune(load, data: LabelledSet, split: Split, modality: str, shots: int, mode: str, seeds: list[int],
-                 protocol: FinetuneProtocol) -> dict:
+def run_finetune(load: Callable[[], PretrainMethod], data: LabelledSet, split: Split, modality: str, shots: int,
+                 mode: str, seeds: list[int], protocol: FinetuneProtocol) -> dict:
     """``load()`` returns a fresh pretrained method (with the protocol's drop path) for every seed."""
     if data.multilabel != protocol.multilabel:
         raise ConfigError("multi-label data needs --protocol multilabel" if data.multilabel else

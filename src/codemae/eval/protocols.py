@@ -12,7 +12,7 @@ import torch
 
 from codemae.config import SourceConfig, SyntheticConfig
 from codemae.data.sources import FolderSource, Source, SyntheticSource
-from codemae.errors import DataError
+from codemae.errors import ConfigError, DataError
 from codemae.eval.data import EvalImages, LabelledSet, k_shot
 from codemae.eval.features import MODALITY_SETS, eval_norms, extract_features, input_size
 from codemae.eval.knn import knn_accuracy
@@ -67,6 +67,8 @@ def run_probe(method: PretrainMethod, data: LabelledSet, split: Split, modality:
 
 def run_knn(method: PretrainMethod, data: LabelledSet, split: Split, modality: str, shots: int, mode: str,
             seeds: list[int], k: int = 20, centre_crop: int | None = None) -> dict:
+    if data.multilabel:
+        raise ConfigError("k-NN votes for one class per sample; multi-label data needs probe or finetune")
     feats = frozen_features(method, data, split, modality, centre_crop)
     labels = torch.from_numpy(data.labels)
     per_seed = []

@@ -95,6 +95,23 @@ def check_disjoint(from_list: dict[str, np.ndarray], given: dict[str, str], stem
                                 f"{given[first]} (--{first}); {len(shared)} shared")
 
 
+def check_no_shared_files(parts: dict[str, tuple[Source, np.ndarray]], given: dict[str, str]) -> None:
+    """No image file may be in two split parts (a folder given twice, or a folder holding an image that
+    a split list of ``--data`` also names); generated or tiled sources have no files to compare."""
+    owner: dict[Path, str] = {}
+    for part, (source, idx) in parts.items():
+        files = getattr(source, "files", None)
+        if files is None or len(files) != len(source):
+            continue
+        paths = [Path(next(iter(files[i].values()))).resolve() for i in idx]
+        shared = [k for k, path in enumerate(paths) if path in owner]
+        if shared:
+            other = owner[paths[shared[0]]]
+            raise DataError(f"--{part} {given[part]} holds '{source.stems[idx[shared[0]]]}', also in "
+                            f"--{other} {given[other]}; {len(shared)} shared")
+        owner.update(dict.fromkeys(paths, part))
+
+
 class JoinedSource(Source):
     """Chosen samples of several sources, one after the other."""
 
@@ -135,8 +152,9 @@ def given_split(load: Callable[[str], LabelledSet], data_root: str | None, given
     """The labelled set and split of the given parts; ``load(root)`` reads a folder (or ``--data``)."""
     if "train" not in given or "test" not in given:
         raise ConfigError("give both --train and --test (and optionally --val), or none of them for the re-split")
+    order = [p for p in PARTS if p in given]
     base, parts, from_list = None, [], {}
-    for part in (p for p in PARTS if p in given):
+    for part in order:
         path = Path(given[part])
         if path.is_dir():
             data = load(str(path))
@@ -151,16 +169,13 @@ def given_split(load: Callable[[str], LabelledSet], data_root: str | None, given
             raise DataError(f"--{part} {path}: neither a folder nor a split-list file")
     if base is not None:
         check_disjoint(from_list, given, base.source.stems)
-    folders = [str(Path(given[p]).resolve()) for p in PARTS if p in given and Path(given[p]).is_dir()]
-    twice = [f for f in folders if folders.count(f) > 1]
-    if twice:
-        raise DataError(f"one folder is given for two split parts: {twice[0]}")
+    check_no_shared_files({p: (d.source, idx) for p, (d, idx) in zip(order, parts)}, given)
     labels, classes = joined_labels(parts)
     data = LabelledSet(JoinedSource([(d.source, idx) for d, idx in parts]), labels, classes)
     bounds = np.cumsum([0] + [len(idx) for _, idx in parts])
-    ranges = {p: np.arange(bounds[k], bounds[k + 1]) for k, p in enumerate(p for p in PARTS if p in given)}
+    ranges = {p: np.arange(bounds[k], bounds[k + 1]) for k, p in enumerate(order)}
     return data, Split(ranges["train"], ranges.get("val", np.zeros(0, dtype=np.int64)), ranges["test"], "given",
-                       {p: given[p] for p in PARTS if p in given})
+                       {p: given[p] for p in order})
 
 
 def write_split_lists(data: LabelledSet, root: str | Path, fractions: dict[str, float], seed: int,
