@@ -171,7 +171,7 @@ def test_against_official_on_a_tiny_config():
     work = EqualWork(img_size=32, embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1,
                      decoder_heads=2, images=4)
     result = compare(src, work, rounds=3, device=CPU)
-    official, ours = result["gflop_per_step"]["official"], result["gflop_per_step"]["codemae"]
+    official, ours = result["flop_per_step"]["official"], result["flop_per_step"]["codemae"]
     assert 0 < ours < official  # the same work but the official class token
     for clock in ("cpu", "wall"):
         s = result[f"speedup_{clock}"]

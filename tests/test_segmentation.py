@@ -307,3 +307,21 @@ def test_flood_chip_light_and_upernet_heads(tmp_path):
         result = json.loads(out.read_text())
         assert result["classes"] == ["0", "1"] and result["crop"] == 64 and result["stride"] == 32
         assert 0 < result["summary"]["mIoU"]["mean"] <= 100
+
+
+def test_drop_path_reaches_the_encoder_only_when_it_is_fine_tuned(tmp_path, monkeypatch):
+    import codemae.eval.features as features
+
+    seen = []
+    real = features.method_to_evaluate
+
+    def spy(checkpoint, random_config=None, seed=0, drop_path=None):
+        seen.append(drop_path)
+        return real(checkpoint, random_config, seed, drop_path)
+
+    monkeypatch.setattr(features, "method_to_evaluate", spy)
+    args = ["segment", "--random", write_config(tmp_path), "--synthetic-n", "4", "--iters", "1", "--seeds", "1",
+            "--batch-size", "2", "--drop-path", "0.2"]
+    assert main([*args, "--finetune-encoder"]) == 0 and set(seen) == {0.2}
+    seen.clear()
+    assert main(args) == 0 and set(seen) == {None}  # frozen: the checkpoint's own rate, in eval mode anyway

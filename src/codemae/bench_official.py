@@ -150,11 +150,11 @@ def compare(src_dir: str | Path, work: EqualWork, rounds: int, warmup: int = 1, 
     official / codemae."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps, ours = step_functions(load_official(src_dir), work, device)
-    gflop = {}
+    flop = {}
     for name, step in steps.items():
         with FlopCounterMode(display=False) as counter:
             step()
-        gflop[name] = round(counter.get_total_flops() / 1e9, 2)
+        flop[name] = counter.get_total_flops()
     compile_codemae = compile_codemae and compile_blocks(ours, device)  # after the (eager) FLOP count
     for _ in range(warmup - 1):
         for step in steps.values():
@@ -164,7 +164,7 @@ def compare(src_dir: str | Path, work: EqualWork, rounds: int, warmup: int = 1, 
         for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
             times[name].append(timed(steps[name], device))
     result = {"work": asdict(work), "device": device.type, "threads": torch.get_num_threads(), "rounds": rounds,
-              "codemae_compiled": compile_codemae, "gflop_per_step": gflop}
+              "codemae_compiled": compile_codemae, "flop_per_step": flop}
     for k, clock in enumerate(("cpu", "wall")):
         result[f"{clock}_s"] = {name: spread([t[k] for t in ts]) for name, ts in times.items()}
         result[f"speedup_{clock}"] = spread([o[k] / c[k] for o, c in zip(times["official"], times["codemae"])])
@@ -185,7 +185,7 @@ def run_against_official(src_dir: str, img_size: int, pairs: int, rounds: int, t
     print("model | GFLOP/step | CPU s/step (median, min-max) | wall s/step (median)")
     for name in ("official", "codemae"):
         c, w = result["cpu_s"][name], result["wall_s"][name]
-        print(f"{name} | {result['gflop_per_step'][name]} | {c['median']} ({c['min']}-{c['max']}) | {w['median']}")
+        print(f"{name} | {result['flop_per_step'][name] / 1e9:.1f} | {c['median']} ({c['min']}-{c['max']}) | {w['median']}")
     w = result["speedup_wall"]
     print(f"codemae speed-up (official / codemae step time): CPU time {s['median']} (min {s['min']}, max {s['max']}),"
           f" wall {w['median']} (min {w['min']}, max {w['max']})")
