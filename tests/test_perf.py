@@ -197,3 +197,13 @@ def test_attention_reaches_sdpa_without_masks_and_with_unit_stride(monkeypatch):
     attention.Attention(8, 2)(x)
     attention.CrossAttention(8, 2)(x, torch.randn(2, 3, 8))
     assert calls == [((), {}, [1, 1, 1])] * 2
+
+
+@pytest.mark.parametrize("override, key", [("train.compile=maybe", "train.compile"),
+                                           ("train.precision=fp16", "train.precision")])
+def test_bad_compile_or_precision_values_are_config_errors(override, key):
+    from codemae.config import load_config
+    from codemae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])

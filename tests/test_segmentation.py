@@ -51,15 +51,29 @@ def write_config(tmp_path, **sections):
 
 # -- schedule and optimiser --------------------------------------------------------------------------
 
+def mmengine_chain(base, total, warmup, power=1.0, eta_min=0.0, start=1e-6):
+    """The lr per iteration as mmengine's chainable LinearLR(begin 0, end warmup) + PolyLR(begin warmup,
+    end total) step it (each spanning ``end - begin - 1`` steps), one update per iteration."""
+    lrs, lr = [], base
+    for it in range(total):
+        if it < warmup:  # LinearLR: last_step = it, total_iters = warmup - 1
+            k, n = it, warmup - 1
+            lr = base * start if k == 0 else lr * (1 + (1 - start) / (n * start + (k - 1) * (1 - start)))
+        elif it > warmup:  # PolyLR: last_step = it - warmup (0 keeps the lr), total_iters = total - warmup - 1
+            k, n = it - warmup, total - warmup - 1
+            lr = (lr - eta_min) * (1 - 1 / (n - k + 1)) ** power + eta_min
+        lrs.append(lr)
+    return lrs
+
+
 def test_poly_schedule_is_exact_on_small_cases():
-    assert [poly_lr_at(k, 1.0, 4) for k in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
-    for k in range(10):  # power 2 with a floor: (base - min) (1 - k/T)^2 + min
-        assert poly_lr_at(k, 0.1, 10, power=2.0, min_lr=0.01) == pytest.approx(0.09 * (1 - k / 10) ** 2 + 0.01)
-    # warm-up 2 of 12: factor 1e-6 -> 1 linearly (mmengine LinearLR), then poly over the last 10
-    assert poly_lr_at(0, 2.0, 12, warmup_steps=2) == pytest.approx(2e-6)
-    assert poly_lr_at(1, 2.0, 12, warmup_steps=2) == pytest.approx(2.0 * (1e-6 + (1 - 1e-6) / 2))
-    assert poly_lr_at(2, 2.0, 12, warmup_steps=2) == 2.0
-    assert poly_lr_at(7, 2.0, 12, warmup_steps=2) == pytest.approx(1.0)
+    assert [poly_lr_at(k, 1.0, 4) for k in range(4)] == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])  # last step at 0
+    # warm-up 3 of 8: factor 1e-6, 1/2, 1 (mmengine reaches 1 at step 2), then poly over the last 5 steps
+    expected = [1e-6, 1e-6 + (1 - 1e-6) / 2, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [poly_lr_at(k, 1.0, 8, warmup_steps=3) for k in range(8)] == pytest.approx(expected)
+    for total, warmup, power, eta_min in [(12, 2, 1.0, 0.0), (10, 0, 2.0, 0.01), (20, 5, 0.9, 1e-4), (6, 1, 1.0, 0.0)]:
+        ours = [poly_lr_at(k, 0.1, total, power, eta_min, warmup) for k in range(total)]
+        assert ours == pytest.approx(mmengine_chain(0.1, total, warmup, power, eta_min), rel=1e-9, abs=1e-12)
 
 
 def test_training_follows_the_schedule_and_the_layer_decay(tmp_path):

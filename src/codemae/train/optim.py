@@ -64,10 +64,12 @@ def lr_at(step: float, peak: float, warmup_steps: float, total_steps: float, min
 
 def poly_lr_at(step: int, base: float, total_steps: int, power: float = 1.0, min_lr: float = 0.0,
                warmup_steps: int = 0, warmup_start: float = 1e-6) -> float:
-    """mmengine's LinearLR warm-up then PolyLR, per iteration: during warm-up ``base`` x a factor rising
-    linearly from ``warmup_start`` to 1; then ``(base - min_lr) * (1 - t / T) ** power + min_lr`` with
-    ``t`` the steps since warm-up and ``T`` the steps after it."""
+    """mmengine's LinearLR (``end=warmup_steps``) then PolyLR (``begin=warmup_steps, end=total_steps``) in
+    closed form, per iteration. Both span ``end - begin - 1`` steps as mmengine counts them: the warm-up
+    factor rises linearly from ``warmup_start`` at step 0 to 1 at step ``warmup_steps - 1``; then
+    ``(base - min_lr) * (1 - t / (T - 1)) ** power + min_lr``, ``t`` the steps since warm-up and ``T``
+    the steps after it, so the last step runs at ``min_lr``."""
     if step < warmup_steps:
-        return base * (warmup_start + (1.0 - warmup_start) * step / warmup_steps)
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return base * (warmup_start + (1.0 - warmup_start) * step / max(warmup_steps - 1, 1))
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps - 1, 1), 1.0)
     return (base - min_lr) * (1.0 - progress) ** power + min_lr
