@@ -10,7 +10,7 @@ from codemae.cli import main
 from codemae.config import to_dict
 from codemae.eval.finetune import PROTOCOLS, Classifier, layer_decay_groups
 from codemae.eval.seg_heads import LightHead
-from codemae.eval.segmentation import level_maps, miou
+from codemae.eval.segmentation import confusion, level_maps, miou_of
 from codemae.methods import build_method
 
 from conftest import tiny_config
@@ -57,9 +57,12 @@ def test_uper_head_shapes_and_miou_by_hand():
     target = torch.tensor([[[0, 0, 1, 1]]])
     pred = torch.tensor([[[0, 1, 1, 1]]])
     # class 0: IoU 1/2, class 1: IoU 2/3 -> mean 58.33; class 2 absent everywhere: not counted
-    assert miou(pred, target, 3, ignore=255) == pytest.approx(100 * (0.5 + 2 / 3) / 2, rel=1e-5)
+    assert miou_of(confusion(pred, target, 3, ignore=255)) == pytest.approx(100 * (0.5 + 2 / 3) / 2, rel=1e-5)
     ignored = torch.tensor([[[0, 255, 1, 1]]])
-    assert miou(pred, ignored, 3, ignore=255) == pytest.approx(100.0)
+    assert miou_of(confusion(pred, ignored, 3, ignore=255)) == pytest.approx(100.0)
+    # summed image by image = over all pixels at once (dataset-level, not a mean of per-image mIoUs)
+    halves = confusion(pred[..., :2], target[..., :2], 3, 255) + confusion(pred[..., 2:], target[..., 2:], 3, 255)
+    assert miou_of(halves) == miou_of(confusion(pred, target, 3, 255))
 
 
 def test_finetune_and_segment_clis_on_synthetic(tmp_path, capsys):

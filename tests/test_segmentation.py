@@ -16,9 +16,10 @@ from torch import nn
 from codemae.cli import main
 from codemae.config import to_dict
 from codemae.eval.seg_heads import POOL_SCALES, UPerHead
-from codemae.eval.segmentation import (Recipe, SegmentationData, Segmenter, channel_stats, choose_split, normalised,
-                                       optimiser, predict_image, random_crops, run_segmentation, segmentation_loss,
-                                       synthetic_segmentation, train_segmenter)
+from codemae.errors import DataError
+from codemae.eval.segmentation import (Recipe, SegmentationData, Segmenter, channel_stats, choose_split, labelled,
+                                       normalised, optimiser, predict_image, random_crops, run_segmentation,
+                                       segmentation_loss, synthetic_segmentation, train_segmenter)
 from codemae.methods import build_method
 from codemae.train.optim import poly_lr_at
 
@@ -71,7 +72,7 @@ def test_poly_schedule_is_exact_on_small_cases():
     # warm-up 3 of 8: factor 1e-6, 1/2, 1 (mmengine reaches 1 at step 2), then poly over the last 5 steps
     expected = [1e-6, 1e-6 + (1 - 1e-6) / 2, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
     assert [poly_lr_at(k, 1.0, 8, warmup_steps=3) for k in range(8)] == pytest.approx(expected)
-    for total, warmup, power, eta_min in [(12, 2, 1.0, 0.0), (10, 0, 2.0, 0.01), (20, 5, 0.9, 1e-4), (6, 1, 1.0, 0.0)]:
+    for total, warmup, power, eta_min in [(12, 2, 1.0, 0.0), (10, 0, 2.0, 0.01), (20, 5, 0.9, 1e-4), (6, 2, 1.0, 0.0)]:
         ours = [poly_lr_at(k, 0.1, total, power, eta_min, warmup) for k in range(total)]
         assert ours == pytest.approx(mmengine_chain(0.1, total, warmup, power, eta_min), rel=1e-9, abs=1e-12)
 
@@ -128,8 +129,13 @@ def test_upernet_on_hivit_reads_strides_4_8_16_and_a_pooled_32(tmp_path):
     pyramid_dim = model.method.encoder.level_dims[0]
     assert [tuple(m.shape) for m in maps] == [(2, 2 * pyramid_dim, s, s) for s in (16, 8, 4, 2)]
     assert torch.equal(maps[3], F.max_pool2d(maps[2], 2, 2))
+    calls = []
+    model.aux.register_forward_hook(lambda *_: calls.append(1))
     out = model.outputs(x)
-    assert out["main"].shape == out["aux"].shape == (2, 5, 64, 64)
+    assert out["main"].shape == out["aux"].shape == (2, 5, 64, 64) and len(calls) == 1
+    assert model(x).shape == (2, 5, 64, 64) and len(calls) == 1  # testing runs no auxiliary head
+    wide = Segmenter(hivit(tmp_path), ("opt",), 5, False, "upernet", channels=520, aux_head=True)
+    assert wide.aux[0][0].out_channels == 256 and model.aux[0][0].out_channels == 8  # mmseg's 256, or half
 
 
 def test_upernet_on_vit_uses_the_simple_feature_pyramid(tmp_path):
@@ -158,6 +164,9 @@ def test_a_frozen_encoder_stays_in_eval_mode_while_the_head_trains(tmp_path):
     assert frozen.head.training and not frozen.method.training
     with torch.no_grad():
         assert torch.equal(frozen.pyramid(images())[0], frozen.pyramid(images())[0])  # no drop path
+    segmentation_loss(frozen.outputs(images()), torch.zeros(2, 32, 32, dtype=torch.long), 255, 0.4).backward()
+    assert all(p.grad is None for p in frozen.method.parameters())
+    assert all(p.grad is not None for p in frozen.head.parameters())
     tuned = Segmenter(hivit(tmp_path, drop_path=0.5), ("opt",), 3, True, "light").train()
     assert tuned.method.training
 
@@ -226,11 +235,12 @@ def test_statistics_come_from_the_training_images_only(tmp_path):
                                data.num_classes)
     assert all(torch.equal(a, b) for m in stats for a, b in zip(stats[m], channel_stats(altered, train)[m]))
     split = {"train": train, "test": np.array([3, 4, 5])}
-    recipe = Recipe(head="light", lr=1e-3, iters=3, warmup_iters=0, batch_size=2, crop=32)
+    recipe = Recipe(head="light", lr=1e-3, iters=3, warmup_iters=0, batch_size=2, crop=64, stride=48)
     load = lambda: hivit(tmp_path)  # noqa: E731
     first = run_segmentation(load, data, "both", recipe, [0], split)
     second = run_segmentation(load, altered, "both", recipe, [0], split)
     assert first["train_loss_per_seed"] == second["train_loss_per_seed"]
+    assert (first["crop"], first["stride"]) == (32, 32)  # crop lowered to the 32-px images, the stride with it
 
 
 def test_split_lists_are_honoured_exactly_and_the_fallback_says_so(tmp_path):
@@ -290,12 +300,21 @@ def test_bad_split_lists_exit_2_naming_the_list_and_name(tmp_path, capsys, train
     (["--layer-decay", "1.5"], "--layer-decay 1.5: expected in (0, 1]"),
     (["--warmup-iters", "5", "--iters", "5"], "--warmup-iters 5: expected below --iters 5"),
     (["--batch-size", "1"], "--batch-size 1: expected >= 2"),
+    (["--crop", "32", "--stride", "48"], "--stride 48: expected at most --crop 32"),
+    (["--data", "pairs"], "--data and --masks go together"),
+    (["--scene", "o.tif", "s.tif", "m.tif", "--data", "d", "--masks", "m"], "either --scene or --data/--masks"),
     (["--train", "x.txt", "--test", "y.txt"], "split lists name the stems of --data/--masks"),
 ])
 def test_bad_segment_options_exit_2(tmp_path, capsys, flags, message):
     assert main(["segment", "--random", write_config(tmp_path), "--synthetic-n", "4", "--iters", "1",
                  "--warmup-iters", "0", "--seeds", "1", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_negative_label_is_refused_naming_the_sample():
+    masks = [torch.zeros(4, 4, dtype=torch.long), torch.full((4, 4), -9999, dtype=torch.long)]
+    with pytest.raises(DataError, match="raster of 'b' holds label -9999.*--nodata -9999"):
+        labelled([{"opt": torch.zeros(1, 4, 4)}] * 2, masks, ["a", "b"])
 
 
 def test_a_label_raster_of_another_size_exits_2(tmp_path, capsys):

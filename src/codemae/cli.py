@@ -340,6 +340,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from codemae.eval.segmentation import (SCENE_SPLIT, Recipe, choose_split, folder_segmentation,
                                            run_segmentation, scene_regions, synthetic_segmentation)
 
+    if bool(args.data) != bool(args.masks):
+        raise ConfigError("--data and --masks go together: a paired folder and the folder of its label rasters")
+    if args.scene and args.data:
+        raise ConfigError("give either --scene or --data/--masks, not both")
     device = resolve_device(args.device)
     recipe = Recipe(head=args.head, channels=args.channels, aux_head=args.aux_head, train_encoder=args.finetune_encoder,
                     lr=args.lr, layer_decay=args.layer_decay, weight_decay=args.weight_decay, drop_path=args.drop_path,

@@ -20,6 +20,7 @@ POOL_SCALES = (1, 2, 3, 6)
 
 
 def upsample(x: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Bilinear resize to ``size`` (align_corners False, as mmseg's ``resize``)."""
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 

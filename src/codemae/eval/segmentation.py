@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.functional.classification import multiclass_jaccard_index
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 from tqdm import tqdm
 
 from codemae.config import ScalingConfig, SourceConfig, SyntheticConfig
@@ -47,6 +48,7 @@ from codemae.train.optim import poly_lr_at
 IGNORE = 255
 HEADS = ("upernet", "light")
 HEAD_CHANNELS = {"upernet": 512, "light": 64}
+AUX_CHANNELS = 256
 SCENE_SPLIT = {"train": np.array([0]), "test": np.array([1])}  # the two regions of scene_regions
 
 
@@ -80,6 +82,8 @@ class Recipe:
                   (self.weight_decay >= 0, "weight-decay", ">= 0"),
                   (0 <= self.min_lr <= self.lr, "min-lr", f"in [0, lr {self.lr}]"),
                   (self.warmup_iters < self.iters, "warmup-iters", f"below --iters {self.iters}"),
+                  (self.stride is None or self.stride <= self.crop, "stride", f"at most --crop {self.crop} "
+                   "(a larger stride leaves pixels no window covers)"),
                   (self.batch_size >= 2, "batch-size", ">= 2 (the heads' BatchNorm needs two crops)")]
         for ok, flag, expected in checks:
             if not ok:
@@ -115,7 +119,8 @@ class Segmenter(nn.Module):
             self.head: nn.Module = LightHead(dims, num_classes, width)
         else:  # strides 4, 8, 16, 32
             self.head = UPerHead([dims[0]] * 4 if self.neck else [*dims[::-1], dims[0]], num_classes, width)
-        self.aux = FCNHead(dims[0], num_classes, max(width // 2, 1)) if aux_head else None  # stride-16 level
+        aux_width = min(AUX_CHANNELS, max(width // 2, 1))  # mmseg's 256, narrower under narrow heads
+        self.aux = FCNHead(dims[0], num_classes, aux_width) if aux_head else None  # stride-16 level
         method.requires_grad_(train_encoder)
 
     def train(self, mode: bool = True) -> Segmenter:
@@ -139,18 +144,19 @@ class Segmenter(nn.Module):
             return self.neck(maps[0])
         return [*maps[::-1], F.max_pool2d(maps[0], 2, 2, ceil_mode=True)]  # ceil: odd sizes keep a border
 
-    def outputs(self, images: dict[str, Tensor]) -> dict[str, Tensor]:
+    def outputs(self, images: dict[str, Tensor], with_aux: bool = True) -> dict[str, Tensor]:
         """``main`` (and with the auxiliary head ``aux``) logits, bilinearly resized to the input."""
         size = next(iter(images.values())).shape[-2:]
         maps = self.pyramid(images)
         resize = lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # noqa: E731
         out = {"main": resize(self.head(maps))}
-        if self.aux is not None:
+        if self.aux is not None and with_aux:
             out["aux"] = resize(self.aux(maps[0] if self.kind == "light" else maps[2]))
         return out
 
     def forward(self, images: dict[str, Tensor]) -> Tensor:
-        return self.outputs(images)["main"]
+        """Decode-head logits only (testing needs no auxiliary head)."""
+        return self.outputs(images, with_aux=False)["main"]
 
 
 @dataclass
@@ -167,9 +173,14 @@ class SegmentationData:
 
 
 def labelled(images: list[dict[str, Tensor]], masks: list[Tensor], names: list[str]) -> SegmentationData:
+    """The samples with their classes (the labels present, ``IGNORE`` aside); a negative label is refused."""
     labels = sorted(set(torch.cat([m.flatten() for m in masks]).unique().tolist()) - {IGNORE})
     if not labels:
         raise DataError("the label rasters hold no labelled pixel (all no data)")
+    if labels[0] < 0:
+        name = next(n for n, m in zip(names, masks) if bool((m == labels[0]).any()))
+        raise DataError(f"the label raster of '{name}' holds label {labels[0]}: classes are 0 or more "
+                        f"(--nodata {labels[0]} if it marks no data)")
     return SegmentationData(images, masks, names, [str(c) for c in labels], max(labels) + 1)
 
 
@@ -249,15 +260,22 @@ def choose_split(data: SegmentationData, lists: dict[str, str], train_fraction: 
 
 
 def channel_stats(data: SegmentationData, indices: np.ndarray) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per-channel mean and std over every pixel of the images ``indices`` (the training images)."""
+    """Per-channel mean and (unbiased) std over every pixel of the images ``indices`` (the training
+    images), summed image by image in float64 rather than holding all their pixels at once."""
     stats = {}
     for m in data.images[0]:
-        pixels = torch.cat([data.images[i][m].flatten(1) for i in indices], 1).double()
-        stats[m] = (pixels.mean(1).float(), pixels.std(1).float().clamp_min(1e-6))
+        n, total, squares = 0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for i in indices:
+            x = data.images[i][m].flatten(1).double()
+            n, total, squares = n + x.shape[1], total + x.sum(1), squares + (x * x).sum(1)
+        mean = total / n
+        var = ((squares - n * mean * mean) / max(n - 1, 1)).clamp_min(0)
+        stats[m] = (mean.float(), var.sqrt().float().clamp_min(1e-6))
     return stats
 
 
 def normalised(data: SegmentationData, stats: dict[str, tuple[Tensor, Tensor]]) -> SegmentationData:
+    """Every image standardised with ``stats`` (per modality: per-channel mean, std)."""
     images = [{m: (x - stats[m][0][:, None, None]) / stats[m][1][:, None, None] for m, x in s.items()}
               for s in data.images]
     return dataclasses.replace(data, images=images)
@@ -354,19 +372,27 @@ def predict_image(model: nn.Module, image: dict[str, Tensor], modalities: tuple[
 
 
 def evaluate(model: Segmenter, data: SegmentationData, indices: np.ndarray, window: int, stride: int) -> float:
-    preds = [predict_image(model, data.images[i], model.modalities, window, stride).argmax(0).flatten()
-             for i in indices]
-    return miou(torch.cat(preds), torch.cat([data.masks[i].flatten() for i in indices]), data.num_classes,
-                data.ignore)
+    """Dataset-level mIoU (%) of the sliding-window predictions over the images ``indices`` (one
+    confusion matrix summed image by image, as mmseg's IoUMetric)."""
+    total = sum(confusion(predict_image(model, data.images[i], model.modalities, window, stride).argmax(0),
+                          data.masks[i], data.num_classes, data.ignore) for i in indices)
+    return miou_of(total)
 
 
-def miou(pred: Tensor, target: Tensor, num_classes: int, ignore: int) -> float:
-    """Dataset-level mean IoU (%) over the classes present in prediction or target; ``ignore`` pixels skipped."""
-    return 100 * multiclass_jaccard_index(pred, target, num_classes, average="macro", ignore_index=ignore).item()
+def confusion(pred: Tensor, target: Tensor, num_classes: int, ignore: int) -> Tensor:
+    """(K, K) pixel counts, rows target and columns prediction; ``ignore`` pixels skipped."""
+    return multiclass_confusion_matrix(pred.flatten(), target.flatten(), num_classes, ignore_index=ignore)
 
 
-def run_segmentation(load, data: SegmentationData, modality: str, recipe: Recipe, seeds: list[int],
-                     split: dict[str, np.ndarray]) -> dict:
+def miou_of(matrix: Tensor) -> float:
+    """Mean IoU (%) over the classes present in prediction or target of a confusion matrix."""
+    cm = matrix.double()
+    union = cm.sum(0) + cm.sum(1) - cm.diag()
+    return 100 * float((cm.diag()[union > 0] / union[union > 0]).mean())
+
+
+def run_segmentation(load: Callable[[], PretrainMethod], data: SegmentationData, modality: str, recipe: Recipe,
+                     seeds: list[int], split: dict[str, np.ndarray]) -> dict:
     """Per seed: a fresh encoder from ``load()``, a fresh head, ``recipe`` training on the ``train``
     images (normalised with their own statistics), mIoU (%) on ``test`` (and ``val`` if given)."""
     data = normalised(data, channel_stats(data, split["train"]))
@@ -380,7 +406,7 @@ def run_segmentation(load, data: SegmentationData, modality: str, recipe: Recipe
         model = Segmenter(method, modalities, data.num_classes, recipe.train_encoder, recipe.head, recipe.channels,
                           recipe.aux_head).to(module_device(method))
         crop = training_crop(data, split["train"], recipe.crop, method.encoder.patch_size)
-        stride = recipe.stride or max(crop // 2, 1)
+        stride = min(recipe.stride or max(crop // 2, 1), crop)  # the crop may have been lowered
         log = train_segmenter(model, data, split["train"], recipe, crop, seed)
         losses.append(log["loss"])
         result = {"mIoU": evaluate(model, data, split["test"], crop, stride)}
