@@ -29,13 +29,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CODEMAE = [sys.executable, "-m", "codemae.cli"]
 CONFIGS = "configs/pretrain"
-METHODS = {  # name: (config, label); "random" is the encoder of evidence_mae.yaml, untrained
+METHODS = {  # name: (config, label)
     "mae": ("evidence_mae.yaml", "joint MAE"),
     "codemae": ("evidence_codemae.yaml", "CoDe-MAE (CCL + CDR)"),
     "rigid": ("evidence_rigid.yaml", "rigid contrastive (linear, encoder)"),
     "fusmae": ("evidence_fusmae.yaml", "Fus-MAE XAE&D"),
 }
-RANDOM_CONFIG = f"{CONFIGS}/evidence_mae.yaml"
+# the untrained floors: the HiViT of the MAE-family methods, and Fus-MAE's ViT (when Fus-MAE is compared)
+RANDOM = {"random": f"{CONFIGS}/evidence_mae.yaml", "random_vit": f"{CONFIGS}/evidence_fusmae.yaml"}
+
+
+def random_encoders(methods: list[str]) -> list[str]:
+    return ["random", *(["random_vit"] if "fusmae" in methods else [])]
 TIMING_STEPS = 12
 MSTAR_SOURCE = 1  # index of the MSTAR source in the evidence configs
 FLOOD = "sen1floods11/{}/Spain_7370579_{}Hand.tif"
@@ -214,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         write_table(out, args, args.methods, command)
         return 0
     checkpoints = {name: study.pretrain(name) for name in args.methods}
-    encoders = {"random": ["--random", RANDOM_CONFIG]} | {n: ["--checkpoint", str(c)] for n, c in checkpoints.items()}
+    encoders = {n: ["--random", RANDOM[n]] for n in random_encoders(args.methods)} | \
+               {n: ["--checkpoint", str(c)] for n, c in checkpoints.items()}
     for name, encoder in encoders.items():  # cheap evaluations of every encoder first, fine-tuning last
         study.evaluate(name, encoder)
     if "compare" not in args.skip:

@@ -8,10 +8,10 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from evidence import METHODS, REPO
+from evidence import METHODS, REPO, random_encoders
 
-LABELS = {**{k: v[1] for k, v in METHODS.items()}, "random": "random init (same encoder)",
-          "cnn": "small CNN from scratch"}
+LABELS = {**{k: v[1] for k, v in METHODS.items()}, "random": "random init (HiViT, the MAE-family encoder)",
+          "random_vit": "random init (ViT, Fus-MAE's encoder)", "cnn": "small CNN from scratch"}
 
 
 def read(path: Path) -> dict | None:
@@ -123,7 +123,7 @@ def plot_recon_curves(runs: dict[str, Path], out: Path, smooth: int = 10) -> Non
 
 
 def write_table(out: Path, args, methods: list[str], command: list[str]) -> None:
-    names = [*methods, "random", "cnn"]
+    names = [*methods, *random_encoders(methods), "cnn"]
     rows = [encoder_row(out, n, args.shots, args.ft_shots) for n in names]
     times = read(out / "times.json") or {}
     total = sum(times.values())

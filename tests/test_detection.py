@@ -13,7 +13,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from codemae.cli import main
-from codemae.eval.detection import (Detector, DetectionRecipe, EncoderFPN, detection_metrics, lr_factor,
+from codemae.errors import DataError
+from codemae.eval.detection import (Detector, DetectionRecipe, EncoderFPN, detection_metrics, lr_factor, predict,
                                     schedule, train_detector, training_targets)
 from codemae.eval.detection_data import (DetectionImages, detection_sets, multiscale_sizes, train_transform,
                                          twin_split)
@@ -75,15 +76,15 @@ VOC_IMAGES = {
 }
 
 
-def test_voc_reader_keeps_boxes_exactly(tmp_path: Path) -> None:
+def test_voc_reader_turns_1_based_corners_into_continuous_boxes(tmp_path: Path) -> None:
     root = write_voc(tmp_path / "voc", VOC_IMAGES, {"train": ["a", "c"], "test": ["b"]})
     train, test = detection_sets(str(root), "voc", "train", None, str(root / "ImageSets/Main/test.txt"), None)
     assert train.classes == ["car", "tank"]
     a, c = train.items
-    np.testing.assert_array_equal(a.boxes, [[3, 4, 20, 30], [22.5, 31, 39, 58]])
+    np.testing.assert_array_equal(a.boxes, [[2, 3, 20, 30], [21.5, 30, 39, 58]])  # (xmin - 1, ymin - 1, xmax, ymax)
     assert a.names == ["car", "tank"] and a.ignore.tolist() == [False, True] and (a.width, a.height) == (40, 60)
     assert c.boxes.shape == (0, 4) and train.background_only == 1 and train.clipped_boxes == 0
-    np.testing.assert_array_equal(test.items[0].boxes, [[10, 5, 30, 25]])
+    np.testing.assert_array_equal(test.items[0].boxes, [[9, 4, 30, 25]])
     assert not train.notes  # a test list was given: no split made
 
 
@@ -101,11 +102,13 @@ def test_coco_reader_converts_xywh_exactly(tmp_path: Path) -> None:
 
 
 def test_box_past_the_edge_is_clipped_and_counted(tmp_path: Path) -> None:
-    root = write_voc(tmp_path / "voc", {"a": (40, 30, [("x", (30, 20, 45, 33), False)])}, {"trainval": ["a"]})
+    whole = ("y", (1, 1, 40, 30), False)  # VOC's whole image: pixels 1..W, 1..H, not clipped
+    root = write_voc(tmp_path / "voc", {"a": (40, 30, [("x", (30, 20, 45, 33), False), whole])}, {"trainval": ["a"]})
     train, _ = detection_sets(str(root), "voc", None, str(root / "ImageSets/Main/trainval.txt"),
                               str(root / "ImageSets/Main/trainval.txt"), None)
-    np.testing.assert_array_equal(train.items[0].boxes, [[30, 20, 40, 30]])
+    np.testing.assert_array_equal(train.items[0].boxes, [[29, 19, 40, 30], [0, 0, 40, 30]])
     assert train.clipped_boxes == 2  # the same image read as train and as test
+    assert train.notes == ["warning: 1 test images (or their X_flip twins) are also in the training list"]
 
 
 def test_resize_flip_and_multiscale_move_the_boxes(tmp_path: Path) -> None:
@@ -115,7 +118,7 @@ def test_resize_flip_and_multiscale_move_the_boxes(tmp_path: Path) -> None:
     image, target = plain[0]
     assert image.shape == (1, 32, 32)
     torch.testing.assert_close(target["boxes"].as_subclass(torch.Tensor),
-                               torch.tensor([[4 * 32 / 40, 6 * 32 / 60, 20 * 32 / 40, 30 * 32 / 60]]))
+                               torch.tensor([[3 * 32 / 40, 5 * 32 / 60, 20 * 32 / 40, 30 * 32 / 60]]))
     flipped = DetectionImages(train, 32, 3, SAR_KEY, transform=v2.RandomHorizontalFlip(1.0))
     fimage, ftarget = flipped[0]
     assert fimage.shape == (3, 32, 32)  # single-band SAR replicated for a 3-channel SAR embedding
@@ -129,6 +132,12 @@ def test_resize_flip_and_multiscale_move_the_boxes(tmp_path: Path) -> None:
     box = starget["boxes"][0].tolist()
     assert any(box == pytest.approx([2 * v for v in c], abs=1e-4) for c in ((x0, y0, x1, y1), (32 - x1, y0, 32 - x0, y1)))
     assert multiscale_sizes(256) == [192, 224, 256, 288, 320]
+    two = DetectionImages(train, 32, 3, SAR_KEY)
+    two.images.append(torch.rand(3, 16, 16))  # statistics over every pixel of images of any size
+    flat = torch.cat([im.flatten(1) for im in two.images], 1).double()
+    mean, std = two.channel_stats()
+    np.testing.assert_allclose(mean, flat.mean(1), rtol=1e-9)
+    np.testing.assert_allclose(std, flat.std(1), rtol=1e-6)
 
 
 def test_split_is_seeded_and_keeps_flip_twins_together() -> None:
@@ -141,6 +150,10 @@ def test_split_is_seeded_and_keeps_flip_twins_together() -> None:
     for side in (train, test):
         names = {stems[i] for i in side}
         assert ("a" in names) == ("a_flip" in names) and ("c" in names) == ("c_flip" in names)
+    train, test = twin_split(["a", "a_flip", "b"], 0.2, seed=0)  # round(0.2 x 2 groups) = 0, yet one is held out
+    assert len(train) and len(test)
+    with pytest.raises(DataError, match="too few to split"):
+        twin_split(["a", "a_flip"], 0.2, seed=0)
 
 
 def test_schedules_and_lr_factor() -> None:
@@ -176,6 +189,26 @@ def test_map_of_perfect_predictions_is_100_and_of_none_0() -> None:
     assert detection_metrics(half, targets, ["car", "tank"])["AP50 tank"] == pytest.approx(50.5, abs=0.6)
 
 
+class FixedDetections(torch.nn.Module):
+    """Stands in for a Detector in evaluation: one box of torchvision label 1 (the first class) per image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return [{"boxes": torch.tensor([[1.0, 2, 9, 12]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
+                for _ in images]
+
+
+def test_predict_shifts_labels_back_past_background() -> None:
+    data = [(torch.rand(1, 16, 16), {}) for _ in range(3)]
+    preds = predict(FixedDetections(), data, batch_size=2)
+    assert len(preds) == 3 and all(p["labels"].tolist() == [0] for p in preds)
+    targets = [{"boxes": torch.tensor([[1.0, 2, 9, 12]]), "labels": torch.tensor([0]), "iscrowd": torch.tensor([0])}] * 3
+    assert detection_metrics(preds, targets, ["car"])["AP50 car"] == 100.0
+
+
 def tiny_method(backbone: str):
     torch.manual_seed(0)
     cfg = tiny_config(Path("unused"), model={"backbone": backbone, "img_size": 32, "embed_dim": 32, "depth": 2,
@@ -204,6 +237,19 @@ def test_layer_decay_reaches_the_detector_encoder() -> None:
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable >= {id(p) for p in encoder.parameters()}
     assert not any(p.requires_grad for n, p in method.named_parameters() if not n.startswith("encoder."))
+
+
+def test_detector_normalises_once_and_neither_resizes_nor_rescales_boxes() -> None:
+    model = Detector(tiny_method("vit_tiny"), "sar", 2, 64, [0.5], [0.25],
+                     DetectionRecipe(fpn_width=16, box_head="2fc", rois_per_image=16)).eval()
+    x = torch.rand(1, 48, 48)  # smaller than the detector's size 64: GeneralizedRCNNTransform would upscale it
+    batch, _ = model.rcnn.transform([x])
+    assert batch.image_sizes == [(48, 48)] and batch.tensors.shape == (1, 1, 64, 64)  # padded to a multiple of 32
+    torch.testing.assert_close(batch.tensors[0, :, :48, :48], (x - 0.5) / 0.25)
+    assert not batch.tensors[0, :, 48:].any() and not batch.tensors[0, :, :, 48:].any()
+    boxes = torch.tensor([[4.0, 6.0, 20.0, 30.0]])
+    out = model.rcnn.transform.postprocess([{"boxes": boxes}], batch.image_sizes, [(48, 48)])
+    torch.testing.assert_close(out[0]["boxes"], boxes)
 
 
 def square_voc(root: Path, n: int, size: int = 64) -> Path:
@@ -258,7 +304,7 @@ def test_cli_coco_with_multiscale_training(tmp_path: Path) -> None:
     assert code == 0
     result = json.loads(out.read_text())
     assert result["classes"] == ["ship", "plane"] and (result["train_images"], result["test_images"]) == (4, 2)
-    assert not result["split"]
+    assert result["split"] == ["warning: 2 test images (or their X_flip twins) are also in the training list"]
 
 
 @pytest.mark.parametrize("case, message", [
@@ -267,6 +313,7 @@ def test_cli_coco_with_multiscale_training(tmp_path: Path) -> None:
     ("unknown_class", "class 'zebra' is not one of the classes"),
     ("not_in_classes", "class 'u' is not one of the classes (t)"),
     ("no_area", "has no area"),
+    ("test_without_boxes", "the test images have no boxes"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys, case: str, message: str) -> None:
     root = square_voc(tmp_path / "voc", 2)
@@ -283,6 +330,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys, case: str, mes
         extra = ["--classes", "t"]
     elif case == "no_area":
         write_voc(root, {"s1": (64, 64, [("t", (30, 5, 20, 20), False)])}, {})
+    elif case == "test_without_boxes":
+        write_voc(root, {"bg": (64, 64, [])}, {})
+        (tmp_path / "test.txt").write_text("bg\n")
+        extra = ["--test", str(tmp_path / "test.txt")]
     assert run_detect(tmp_path, root, *extra) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("codemae: error: ") and message in err and "\n" not in err
@@ -295,6 +346,14 @@ def test_coco_annotation_naming_a_missing_image_is_exit_2(tmp_path: Path, capsys
     ann.write_text(json.dumps(raw))
     assert run_detect(tmp_path, tmp_path / "coco", "--format", "coco", "--train", str(ann)) == 2
     assert "names image id 42, which is not in 'images'" in capsys.readouterr().err
+    raw["annotations"] = [{"id": 3, "image_id": 0, "bbox": [1, 2, 10], "category_id": 1}]
+    ann.write_text(json.dumps(raw))
+    assert run_detect(tmp_path, tmp_path / "coco", "--format", "coco", "--train", str(ann)) == 2
+    assert "annotation 3 has bbox [1.0, 2.0, 10.0], not [x, y, width, height]" in capsys.readouterr().err
+    del raw["annotations"][0]["image_id"]
+    ann.write_text(json.dumps(raw))
+    assert run_detect(tmp_path, tmp_path / "coco", "--format", "coco", "--train", str(ann)) == 2
+    assert "a malformed COCO entry (KeyError: 'image_id')" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -143,9 +143,14 @@ def test_teacher_held_in_bf16_only_for_bf16_on_cuda():
     assert not accel.teacher_in_bf16(nn.Linear(2, 2), "bf16", CUDA)  # no teacher: nothing to do
 
 
-def test_run_records_resolved_precision_and_resumes_an_older_config(tmp_path):
+def test_run_records_resolved_precision_and_resumes_an_older_config(tmp_path, monkeypatch):
+    from codemae.train import engine
+
+    compiled = []
+    monkeypatch.setattr(engine, "compile_blocks", lambda method, device: compiled.append(device.type))
     cfg = tiny_config(tmp_path / "run", train={"max_steps": 1})
     pretrain(cfg)
+    assert compiled == []
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["precision"] == "fp32"
     path = tmp_path / "run" / CHECKPOINT
     state = load_checkpoint(path)
@@ -153,6 +158,7 @@ def test_run_records_resolved_precision_and_resumes_an_older_config(tmp_path):
     save_atomic(state, path)
     cfg.train.max_steps, cfg.train.compile = 2, True
     assert pretrain(cfg)["step"] == 2  # compile is resume-safe, fp32 = auto on this CPU
+    assert compiled == ["cpu"]  # train.compile reaches the engine
 
 
 def test_against_official_refuses_a_folder_without_the_sources(tmp_path, capsys):

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from codemae.batch import make_batch
 from codemae.config import Config, MethodConfig, ModelConfig
-from codemae.errors import DataError
+from codemae.errors import ConfigError, DataError
 from codemae.methods import build_method
 from codemae.train.accel import compile_blocks
 from codemae.train.optim import param_groups, pretraining_optimizer
@@ -63,7 +63,11 @@ def load_official(src_dir: str | Path):  # noqa: ANN201 (the official module)
     if not path.is_file() or not (src / "util" / "pos_embed.py").is_file():
         raise DataError(f"--against-official {src}: expected the facebookresearch/mae sources there "
                         "(models_mae.py and util/pos_embed.py)")
-    from timm.models.vision_transformer import Block
+    try:
+        from timm.models.vision_transformer import Block
+    except ImportError as err:
+        raise ConfigError("--against-official needs timm, which the official MAE code builds on: "
+                          "pip install timm") from err
 
     accepted = set(inspect.signature(Block.__init__).parameters)
 
@@ -185,7 +189,8 @@ def run_against_official(src_dir: str, img_size: int, pairs: int, rounds: int, t
     print("model | GFLOP/step | CPU s/step (median, min-max) | wall s/step (median)")
     for name in ("official", "codemae"):
         c, w = result["cpu_s"][name], result["wall_s"][name]
-        print(f"{name} | {result['flop_per_step'][name] / 1e9:.1f} | {c['median']} ({c['min']}-{c['max']}) | {w['median']}")
+        gflop = result["flop_per_step"][name] / 1e9
+        print(f"{name} | {gflop:.1f} | {c['median']} ({c['min']}-{c['max']}) | {w['median']}")
     w = result["speedup_wall"]
     print(f"codemae speed-up (official / codemae step time): CPU time {s['median']} (min {s['min']}, max {s['max']}),"
           f" wall {w['median']} (min {w['min']}, max {w['max']})")

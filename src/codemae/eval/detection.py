@@ -10,13 +10,15 @@ Recipe (the authors' DIOR / SARDet-100K configs): AdamW lr 3e-4 at batch 16 (sca
 linearly with the batch), weight decay 0.05, betas (0.9, 0.999), layer-wise lr decay 0.85,
 drop path 0.15, gradient clipping at norm 35, linear warm-up from 0.001x over 500 iterations
 (at most one epoch), step decay x0.1 at epochs 8 and 11 of 12 (1x) or 27 and 33 of 36 (3x).
-Anchors 8 x stride (32..256 px) with ratios 0.5, 1, 2, as mmdetection's Faster R-CNN.
+Anchors 8 x stride (32..256 px) with ratios 0.5, 1, 2, as mmdetection's Faster R-CNN on these four
+levels (its RPN has a fifth, stride 64 / 512 px, which the issue's four-level FPN leaves out).
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +101,8 @@ class SimpleFeaturePyramid(nn.Module):
 
 class EncoderFPN(nn.Module):
     """A codemae encoder (one modality's patch embedding) as a torchvision detection backbone:
-    an OrderedDict of ``FPN_WIDTH``-channel maps at strides 4, 8, 16, 32. Method parts outside
+    an OrderedDict of ``FPN_WIDTH``-channel maps at strides 4, 8, 16, 32 (patch size 16; in general
+    patch / 4 to 2 x patch, which RoIAlign and the anchors read off the map sizes). Method parts outside
     the encoder (decoders, pretraining heads) are frozen: they take no part."""
 
     def __init__(self, method: PretrainMethod, modality: str, width: int = FPN_WIDTH) -> None:
@@ -130,7 +133,8 @@ class EncoderFPN(nn.Module):
 class PresizedTransform(GeneralizedRCNNTransform):
     """Normalise and batch (zero-padded to a multiple of 32) only: transforms v2 sized the images."""
 
-    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None
+               ) -> tuple[Tensor, dict[str, Tensor] | None]:
         return image, target
 
 
@@ -158,7 +162,8 @@ class Detector(nn.Module):
                                box_batch_size_per_image=recipe.rois_per_image)
         self.rcnn.transform = PresizedTransform(size, size, mean, std, size_divisible=32)
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+                ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Training: the dict of losses; evaluation: detections per image (labels 1..K)."""
         return self.rcnn(images, targets)
 
@@ -184,8 +189,9 @@ def train_detector(model: Detector, data: DetectionImages, recipe: DetectionReci
     loader = DataLoader(data, batch_size=recipe.batch_size, shuffle=True, collate_fn=collate,
                         generator=torch.Generator().manual_seed(seed))
     lr = recipe.base_lr * recipe.batch_size / 16
-    groups = [g for g in layer_decay_groups(model, lr, recipe.weight_decay, recipe.layer_decay)
-              if any(p.requires_grad for p in g["params"])]
+    groups = [dict(g, params=[p for p in g["params"] if p.requires_grad])
+              for g in layer_decay_groups(model, lr, recipe.weight_decay, recipe.layer_decay)]
+    groups = [g for g in groups if g["params"]]  # the frozen method parts outside the encoder left out
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
@@ -243,8 +249,8 @@ def detection_metrics(preds: list[dict[str, Tensor]], targets: list[dict[str, Te
     return out
 
 
-def run_detection(load, train: DetectionImages, test: DetectionImages, modality: str, size: int,
-                  recipe: DetectionRecipe, seeds: list[int], progress: bool = False,
+def run_detection(load: Callable[[int], PretrainMethod], train: DetectionImages, test: DetectionImages,
+                  modality: str, size: int, recipe: DetectionRecipe, seeds: list[int], progress: bool = False,
                   device: torch.device | str = "cpu") -> dict:
     """Per seed: ``load(seed)`` a fresh encoder, build and fine-tune the detector (its own head
     initialisation and shuffling), score the fixed test set once after the last epoch."""

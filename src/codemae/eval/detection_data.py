@@ -1,10 +1,12 @@
 """Object-detection data: Pascal VOC and COCO readers, a fixed split, and a dataset of images with boxes.
 
-Boxes are absolute pixel ``xyxy`` in the image's own frame, as the files store them (VOC
-corners taken as written, like torchvision's ``VOCDetection``; COCO ``xywh`` converted). VOC ``difficult`` objects and COCO
+Boxes are absolute continuous pixel ``xyxy`` in the image's own frame: VOC corners are 1-based
+inclusive pixel indices, so ``(xmin, ymin, xmax, ymax)`` becomes ``(xmin - 1, ymin - 1, xmax, ymax)``
+(detectron2's reading; ``xmin = 1, xmax = W`` covers the whole width); COCO ``xywh`` is already
+continuous and becomes ``(x, y, x + w, y + h)``. VOC ``difficult`` objects and COCO
 ``iscrowd`` ones are kept as *ignored* boxes: not trained on, and ignored by the COCO-style
 evaluator (a detection on them neither counts nor costs). A box that reaches past the image
-edge (common in real VOC sets: sar_detection has 103 of 1,099) is clipped to the image and
+edge (common in real VOC sets: sar_detection has 120 of 1,099) is clipped to the image and
 counted; a box that does not overlap the image at all, or is inverted, is an error.
 """
 
@@ -52,21 +54,25 @@ class DetectionSet:
     notes: list[str] = field(default_factory=list)
 
     def labels(self, item: ImageBoxes, where: str) -> np.ndarray:
+        """``item``'s class indices; a name outside the classes is a :class:`DataError` naming ``where``."""
         unknown = sorted(set(item.names) - set(self.classes))
         if unknown:
             raise DataError(f"{where}: class '{unknown[0]}' is not one of the classes ({', '.join(self.classes)})")
         return np.array([self.classes.index(n) for n in item.names], dtype=np.int64)
 
 
-def checked_box(box: list[float], width: int, height: int, where: str) -> tuple[np.ndarray, bool]:
-    """``box`` (xyxy) clipped to the image, and whether clipping changed it; an inverted box or one
-    that lies outside the image is a :class:`DataError` naming ``where``."""
+def checked_box(box: list[float], width: int, height: int, where: str,
+                written: list[float] | None = None) -> tuple[np.ndarray, bool]:
+    """``box`` (continuous xyxy) clipped to the image, and whether clipping changed it; an inverted box
+    or one that lies outside the image is a :class:`DataError` naming ``where`` and the box as
+    ``written`` in the file (default ``box``)."""
     x0, y0, x1, y1 = box
+    shown = written or box
     if not (x1 > x0 and y1 > y0):
-        raise DataError(f"{where}: box {box} has no area (xmax <= xmin or ymax <= ymin)")
+        raise DataError(f"{where}: box {shown} has no area (its max corner is not past its min corner)")
     clipped = np.array([max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)], dtype=np.float64)
     if not (clipped[2] > clipped[0] and clipped[3] > clipped[1]):
-        raise DataError(f"{where}: box {box} lies outside the {width}x{height} image")
+        raise DataError(f"{where}: box {shown} lies outside the {width}x{height} image")
     return clipped, bool((clipped != np.asarray(box, dtype=np.float64)).any())
 
 
@@ -109,7 +115,8 @@ def read_voc(root: str | Path, ids: list[str]) -> tuple[list[ImageBoxes], int]:
                 raw = [float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
             except (TypeError, ValueError) as err:
                 raise DataError(f"{xml}: an object without a numeric bndbox xmin/ymin/xmax/ymax") from err
-            box, changed = checked_box(raw, width, height, str(xml))
+            x0, y0, x1, y1 = raw  # 1-based inclusive pixel indices -> continuous corners
+            box, changed = checked_box([x0 - 1, y0 - 1, x1, y1], width, height, str(xml), raw)
             clipped += changed
             boxes.append(box)
             names.append((obj.findtext("name") or "").strip())
@@ -129,30 +136,40 @@ def read_coco(annotations: str | Path, images: str | Path) -> tuple[list[ImageBo
     missing = [k for k in ("images", "annotations", "categories") if k not in raw]
     if missing:
         raise DataError(f"{path}: no '{missing[0]}' list (not a COCO detection file)")
-    categories = {c["id"]: str(c["name"]) for c in raw["categories"]}
-    per_image: dict[int, list[dict]] = {im["id"]: [] for im in raw["images"]}
-    for ann in raw["annotations"]:
-        if ann["image_id"] not in per_image:
-            raise DataError(f"{path}: annotation {ann.get('id')} names image id {ann['image_id']}, "
-                            "which is not in 'images'")
-        if ann["category_id"] not in categories:
-            raise DataError(f"{path}: annotation {ann.get('id')} has category id {ann['category_id']}, "
-                            "which is not in 'categories'")
-        per_image[ann["image_id"]].append(ann)
+    try:
+        categories = {c["id"]: str(c["name"]) for c in raw["categories"]}
+        files = {im["id"]: str(im["file_name"]) for im in raw["images"]}
+        anns = [(a.get("id"), a["image_id"], a["category_id"], [float(v) for v in a["bbox"]],
+                 bool(a.get("iscrowd", 0))) for a in raw["annotations"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise DataError(f"{path}: a malformed COCO entry ({type(err).__name__}: {err})") from err
+    per_image: dict[int, list[tuple]] = {k: [] for k in files}
+    for ann_id, image_id, category, bbox, crowd in anns:
+        if image_id not in per_image:
+            raise DataError(f"{path}: annotation {ann_id} names image id {image_id}, which is not in 'images'")
+        if category not in categories:
+            raise DataError(f"{path}: annotation {ann_id} has category id {category}, which is not in 'categories'")
+        if len(bbox) != 4:
+            raise DataError(f"{path}: annotation {ann_id} has bbox {bbox}, not [x, y, width, height]")
+        per_image[image_id].append((ann_id, category, bbox, crowd))
     items, clipped = [], 0
-    for im in raw["images"]:
-        file = Path(images) / im["file_name"]
-        width, height = image_size(file, f"{path} (image id {im['id']})")
+    for image_id, name in files.items():
+        file = Path(images) / name
+        width, height = image_size(file, f"{path} (image id {image_id})")
         boxes, names, ignore = [], [], []
-        for ann in per_image[im["id"]]:
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            box, changed = checked_box([x, y, x + w, y + h], width, height, f"{path} (annotation {ann.get('id')})")
+        for ann_id, category, (x, y, w, h), crowd in per_image[image_id]:
+            box, changed = checked_box([x, y, x + w, y + h], width, height, f"{path} (annotation {ann_id})")
             clipped += changed
             boxes.append(box)
-            names.append(categories[ann["category_id"]])
-            ignore.append(bool(ann.get("iscrowd", 0)))
+            names.append(categories[category])
+            ignore.append(crowd)
         items.append(ImageBoxes(file, width, height, np.array(boxes).reshape(-1, 4), names, np.array(ignore, bool)))
     return items, [categories[k] for k in sorted(categories)], clipped
+
+
+def twin(image: Path) -> str:
+    """The group of an image file: its stem without ``FLIP_SUFFIX``, in its folder."""
+    return str(image.with_name(image.stem.removesuffix(FLIP_SUFFIX)))
 
 
 def twin_split(stems: list[str], test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,8 +178,10 @@ def twin_split(stems: list[str], test_fraction: float, seed: int) -> tuple[np.nd
     for i, stem in enumerate(stems):
         groups.setdefault(stem.removesuffix(FLIP_SUFFIX), []).append(i)
     keys = sorted(groups)
+    if len(keys) < 2:
+        raise DataError(f"{len(stems)} training image(s): too few to split off a test set; give --test")
     order = np.random.default_rng(seed).permutation(len(keys))
-    n_test = int(round(test_fraction * len(keys)))
+    n_test = min(max(int(round(test_fraction * len(keys))), 1), len(keys) - 1)  # neither side empty
     test = sorted(i for k in order[:n_test] for i in groups[keys[k]])
     train = sorted(i for k in order[n_test:] for i in groups[keys[k]])
     return np.array(train, dtype=np.int64), np.array(test, dtype=np.int64)
@@ -172,7 +191,8 @@ def detection_sets(data: str, fmt: str, train_split: str | None, train: str | No
                    classes: list[str] | None, test_fraction: float = 0.2, split_seed: int = 0
                    ) -> tuple[DetectionSet, DetectionSet]:
     """(train, test) sets of a VOC folder or a COCO image folder. Without a test list, a fixed seeded
-    ``test_fraction`` of the training list is held out (twins together). Classes: ``classes`` if given,
+    ``test_fraction`` of the training list is held out (twins together); a given test list that shares
+    images (or twins) with the training list is noted. Classes: ``classes`` if given,
     else the COCO categories, else the training set's names sorted; a name outside them is an error."""
     root = Path(data)
     if not root.is_dir():
@@ -191,18 +211,25 @@ def detection_sets(data: str, fmt: str, train_split: str | None, train: str | No
     else:
         raise ConfigError(f"--format {fmt}: choose voc or coco")
     clipped += more
-    if test_items is None:
+    if test_items is not None:
+        seen = {twin(it.image) for it in train_items}
+        shared = sum(twin(it.image) in seen for it in test_items)
+        if shared:
+            notes.append(f"warning: {shared} test images (or their X{FLIP_SUFFIX} twins) are also in the training list")
+    else:
         tr, te = twin_split([it.image.stem for it in train_items], test_fraction, split_seed)
         test_items, train_items = [train_items[i] for i in te], [train_items[i] for i in tr]
         notes.append(f"no test list: a fixed split (seed {split_seed}) of the training list, "
                      f"{len(train_items)} train / {len(test_items)} test images, X and X{FLIP_SUFFIX} twins together")
     names = classes or known or sorted({n for it in train_items for n in it.names})
     sets = []
-    for items in (train_items, test_items):
+    for side, items in (("training", train_items), ("test", test_items)):
         s = DetectionSet(items, list(names), notes=notes)
         for it in items:
             s.labels(it, str(it.image))  # unknown class names fail here, before any training
         s.background_only = sum(len(it.names) == 0 for it in items)
+        if not any((~it.ignore).any() for it in items):
+            raise DataError(f"the {side} images have no boxes (other than difficult / crowd ones)")
         sets.append(s)
     sets[0].clipped_boxes = clipped
     return sets[0], sets[1]
@@ -211,7 +238,8 @@ def detection_sets(data: str, fmt: str, train_split: str | None, train: str | No
 class DetectionImages(torch.utils.data.Dataset):
     """Images of a :class:`DetectionSet` decoded once, scaled to [0, 1], matched to the encoder's
     ``channels`` (single-band SAR replicated if the embedding is 3-channel) and resized to a
-    ``size`` x ``size`` square with their boxes; ``transform`` (transforms v2) runs per access."""
+    ``size`` x ``size`` square with their boxes (nodata pixels set to 0); ``transform`` (transforms v2)
+    runs per access."""
 
     def __init__(self, data: DetectionSet, size: int, channels: int, key: str,
                  scaling: ScalingConfig | None = None, transform: v2.Transform | None = None) -> None:
@@ -219,7 +247,8 @@ class DetectionImages(torch.utils.data.Dataset):
         resize = v2.Resize((size, size), antialias=True)
         self.images, self.targets = [], []
         for item in data.items:
-            image = torch.from_numpy(load_unit_image(item.image, scaling or ScalingConfig(), channels, key))
+            unit = load_unit_image(item.image, scaling or ScalingConfig(), channels, key)
+            image = torch.from_numpy(np.nan_to_num(unit, nan=0.0))  # nodata pixels (NaN) read as 0
             boxes = tv_tensors.BoundingBoxes(torch.from_numpy(item.boxes).float(), format="XYXY",
                                              canvas_size=(item.height, item.width))
             image, boxes = resize(tv_tensors.Image(image.permute(2, 0, 1)), boxes)
@@ -238,8 +267,12 @@ class DetectionImages(torch.utils.data.Dataset):
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std over every pixel of these images (the training-set normalisation)."""
-        flat = torch.cat([im.flatten(1) for im in self.images], 1).double()
-        return flat.mean(1).tolist(), flat.std(1).clamp_min(1e-6).tolist()
+        n = sum(im[0].numel() for im in self.images)  # running sums: no copy of the whole set
+        total = sum(im.double().sum((1, 2)) for im in self.images)
+        squares = sum(im.double().square().sum((1, 2)) for im in self.images)
+        mean = total / n
+        std = ((squares - n * mean.square()) / max(n - 1, 1)).clamp_min(0).sqrt()
+        return mean.tolist(), std.clamp_min(1e-6).tolist()
 
 
 def multiscale_sizes(size: int) -> list[int]:
@@ -255,6 +288,6 @@ def train_transform(scales: list[int] | None) -> v2.Transform:
     return v2.Compose(steps)
 
 
-def collate(batch: list) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+def collate(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     images, targets = zip(*batch)
     return list(images), list(targets)
