@@ -55,6 +55,11 @@ def test_precision_auto_is_bf16_on_cuda_and_fp32_elsewhere():
     assert cfg.train.precision == "auto"
     assert accel.with_device_precision(cfg, CUDA).train.precision == "bf16"
     assert cfg.train.precision == "auto"  # a copy, the given config untouched
+    from codemae.train.step import TrainStep
+
+    layer = nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    assert TrainStep(layer, optimizer, CUDA, "auto").bf16 and not TrainStep(layer, optimizer, CPU, "auto").bf16
 
 
 def test_tf32_enabled_on_cuda_only():

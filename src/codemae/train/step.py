@@ -7,16 +7,17 @@ import torch
 from torch import Tensor, nn
 
 from codemae.batch import Batch
+from codemae.train.accel import resolve_precision
 
 
 class TrainStep:
-    """Forward (under bf16 autocast when asked), backward, gradient clipping and the update of
+    """Forward (under bf16 autocast when asked; ``auto``: on CUDA), backward, gradient clipping and the update of
     ``optimizer``'s parameters. ``model`` is the method or its DDP wrapper."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  precision: str = "fp32", clip_grad: float | None = None) -> None:
         self.model, self.optimizer, self.device = model, optimizer, device
-        self.bf16 = precision == "bf16"
+        self.bf16 = resolve_precision(precision, device) == "bf16"
         self.clip_grad = clip_grad or float("inf")
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
 
