@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from codemae.cli import build_parser, main
 from codemae.config import SyntheticConfig, to_dict
+from codemae.data.readers import GDAL_NODATA
 from codemae.data.stats import compute_stats
 from codemae.data.synthetic import DAMAGED, DESTROYED, INTACT, generate_damage_pair, land_cover
 from codemae.data.write_synthetic import TASKS, write_synthetic
@@ -46,6 +50,15 @@ def test_pairs_are_deterministic_and_labels_sit_on_the_drawn_buildings():
     _, buildings, _ = land_cover(np.random.default_rng(5), 64)  # the map the pair was drawn from
     assert np.array_equal(a.target > 0, buildings)
     assert set(np.unique(a.target)) <= {0, INTACT, DAMAGED, DESTROYED}
+
+
+def test_pairs_are_the_same_in_another_process():
+    code = ("import hashlib, sys; from codemae.config import SyntheticConfig; "
+            "from codemae.data.synthetic import generate_damage_pair as g; p = g(11, SyntheticConfig(image_size=48)); "
+            "sys.stdout.write(hashlib.sha256(p.optical.tobytes() + p.sar.tobytes() + p.target.tobytes()).hexdigest())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    p = generate_damage_pair(11, SyntheticConfig(image_size=48))
+    assert other == hashlib.sha256(p.optical.tobytes() + p.sar.tobytes() + p.target.tobytes()).hexdigest()
 
 
 def test_damage_changes_the_sar_returns_of_the_buildings():
@@ -121,6 +134,9 @@ def test_an_absent_damage_class_is_left_out_of_the_harmonic_mean():
     s = damage_scores(cm)
     assert s["F1 damage"] == pytest.approx(100) and s["mIoU"] == pytest.approx(100)
     assert np.isnan(s["IoU destroyed"])
+    cm[3, 1] = 3  # destroyed buildings called intact: destroyed F1 0 zeroes the harmonic mean
+    s = damage_scores(cm)
+    assert s["F1 destroyed"] == 0 and s["F1 damage"] == 0 and s["score"] == pytest.approx(0.3 * s["F1 loc"])
 
 
 def tiny_model(tmp_path):
@@ -151,10 +167,13 @@ def test_siamese_embeds_pre_as_optical_and_post_as_sar(tmp_path):
     out = model(pre, post)
     assert out.shape == (2, LOC_CLASSES + 4, 32, 32)
     assert damage_loss(out, torch.randint(0, 4, (2, 32, 32))).ndim == 0
-    with torch.no_grad():  # the optical patch embedding sees the pre image, the SAR one the post image
-        model.method.encoder.patch_embed["sar"].proj.weight.add_(1.0)
-        changed = model(pre, post)
-    assert not torch.allclose(changed, out)
+    seen = {}  # the optical patch embedding sees the pre image, the SAR one the post image, once each
+    for m, embed in model.method.encoder.patch_embed.items():
+        embed.register_forward_pre_hook(lambda _, args, m=m: seen.setdefault(m, []).append(args[0]))
+    with torch.no_grad():
+        model(pre, post)
+    assert [len(v) for v in seen.values()] == [1, 1]
+    assert torch.equal(seen["opt"][0], pre) and torch.equal(seen["sar"][0], post)
 
 
 def test_each_seed_initialises_its_own_decoder_even_when_loading_reseeds(tmp_path):
@@ -200,6 +219,29 @@ def test_a_label_raster_of_another_size_is_refused(tmp_path, bright, capsys):
     assert "synthetic_00000_building_damage.tif: 40x48 pixels" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("raster, message", [
+    (np.full((48, 48), 1.5, np.float32), "unknown label value 1.5"),
+    (np.zeros((48, 48, 3), np.uint8), "a label raster has one band, this one has 3"),
+])
+def test_a_float_or_multi_band_label_raster_is_refused(tmp_path, bright, capsys, raster, message):
+    tifffile.imwrite(bright / "target" / "synthetic_00002_building_damage.tif", raster)
+    assert damage_cli(tmp_path, bright) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_nodata_pixels_reach_the_model_as_the_training_mean(bright):
+    path = bright / "pre-event" / "synthetic_00000_pre_disaster.tif"
+    image = tifffile.imread(path)
+    image[:4, :4] = 0
+    tifffile.imwrite(path, image, extratags=[(GDAL_NODATA, "s", 0, "0", True)])
+    scenes = DamageScenes(bright, "train", {"opt": 3, "sar": 1})
+    assert np.isnan(scenes.load(0)["opt"][:4, :4]).all()
+    pre, post, _ = scenes.tensors(0, compute_stats(scenes, 8))
+    assert torch.isfinite(pre).all() and torch.isfinite(post).all()
+    assert torch.equal(pre[:, :4, :4], torch.zeros(3, 4, 4))
+
+
 @pytest.mark.parametrize("folder", ["post-event", "target"])
 def test_a_pre_image_without_its_post_image_or_target_is_refused(tmp_path, bright, capsys, folder):
     suffix = {"post-event": "post_disaster", "target": "building_damage"}[folder]
@@ -233,6 +275,8 @@ def test_synth_scenes_task_and_bad_options(tmp_path, capsys):
     assert main(["synth", "--task", "scenes", "--out", str(tmp_path / "s"), "--n", "2", "--size", "32"]) == 0
     assert sorted(p.name for p in (tmp_path / "s" / "labels").iterdir()) == ["scene_00000.png", "scene_00001.png"]
     assert main(["synth", "--task", "damage", "--out", str(tmp_path / "d"), "--size", "8"]) == 2
+    assert main(["synth", "--task", "damage", "--out", str(tmp_path / "d"), "--n", "2"]) == 2
+    assert "the damage task needs at least 3 scenes" in capsys.readouterr().err
     assert main(["synth", "--task", "damage", "--out", str(tmp_path / "d"), "--n", "3", "--size", "32"]) == 0
     assert main(["damage", "--random", str(write_config(tmp_path)), "--data", str(tmp_path / "d"),
                  "--img-size", "40"]) == 2

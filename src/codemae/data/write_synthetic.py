@@ -82,4 +82,6 @@ def write_synthetic(task: str, out: str | Path, n: int, size: int, seed: int) ->
         raise ConfigError(f"--task {task}: unknown; choose one of {', '.join(TASKS)}")
     if n < 1 or size < 16:
         raise ConfigError(f"--n {n} --size {size}: need at least 1 sample of at least 16 pixels")
+    if task == "damage" and n < 3:
+        raise ConfigError(f"--n {n}: the damage task needs at least 3 scenes (one each for train, val and test)")
     return TASKS[task](Path(out), n, size, seed)

@@ -16,6 +16,7 @@ confusion matrix over every test pixel.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,7 @@ class SiameseDamage(nn.Module):
         self.head = LightHead([width] * len(dims), LOC_CLASSES + NUM_CLASSES, width)
 
     def levels(self, image: Tensor, modality: str) -> list[Tensor]:
+        """(B, C_l, H_l, W_l) pyramid maps of ``image`` through ``modality``'s patch embedding."""
         encoder = self.method.encoder
         out = self.method.encode_outputs({modality: image})[modality]
         return level_maps(out.levels, encoder.level_grids, image.shape[-1] // encoder.patch_size)
@@ -109,6 +111,7 @@ def damage_map(logits: Tensor) -> Tensor:
 
 
 def f1(tp: Tensor, fp: Tensor, fn: Tensor) -> float:
+    """2TP / (2TP + FP + FN); NaN when all three are 0 (a class absent from target and prediction)."""
     total = 2 * tp + fp + fn
     return float(2 * tp / total) if total > 0 else float("nan")
 
@@ -186,7 +189,7 @@ def train_damage(model: SiameseDamage, crops: DamageCrops, protocol: DamageProto
     return history
 
 
-def fresh_model(load, seed: int) -> SiameseDamage:
+def fresh_model(load: Callable[[], PretrainMethod], seed: int) -> SiameseDamage:
     """The encoder from ``load()`` and a decoder initialised from ``seed`` (seeded after the load, which
     may seed torch itself: a random encoder is the same initialisation for every seed)."""
     method = load()
@@ -194,7 +197,8 @@ def fresh_model(load, seed: int) -> SiameseDamage:
     return SiameseDamage(method)
 
 
-def run_damage(load, root: str, protocol: DamageProtocol, seeds: list[int], window: int | None = None) -> dict:
+def run_damage(load: Callable[[], PretrainMethod], root: str, protocol: DamageProtocol, seeds: list[int],
+               window: int | None = None) -> dict:
     """Per seed: a fresh encoder from ``load()``, fine-tuned on the train list, scored on val and test
     after the last epoch (nothing is chosen on either)."""
     encoder = load().encoder

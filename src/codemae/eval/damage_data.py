@@ -3,8 +3,8 @@
 ``<root>/pre-event/<name>_pre_disaster.tif`` (optical), ``<root>/post-event/<name>_post_disaster.tif``
 (SAR), ``<root>/target/<name>_building_damage.tif`` (0 background, 1 intact, 2 damaged, 3 destroyed),
 or ``<name>.tif`` in each folder; split lists ``<split>.txt`` (or BRIGHT's ``<split>_set.txt``) with one
-name per line, without suffix. A listed name without its three files, rasters of different sizes or
-an unknown label value are :class:`DataError` naming the file.
+name per line, without suffix. A listed name without its three files, rasters of different sizes, a
+label raster of several bands or an unknown label value are :class:`DataError` naming the file.
 """
 
 from __future__ import annotations
@@ -47,13 +47,16 @@ def scene_file(root: Path, key: str, name: str) -> Path | None:
 
 
 def read_target(path: Path) -> np.ndarray:
-    """A label raster as int64 (H, W), refusing values other than 0..3."""
-    target = read_image(path)[:, :, 0].astype(np.int64)
-    unknown = np.setdiff1d(np.unique(target), np.arange(NUM_CLASSES))
+    """A single-band label raster as int64 (H, W), refusing several bands and values other than 0..3."""
+    raster = read_image(path)
+    if raster.shape[2] != 1:
+        raise DataError(f"{path}: a label raster has one band, this one has {raster.shape[2]}")
+    values = np.unique(raster)
+    unknown = values[~np.isin(values, np.arange(NUM_CLASSES))]
     if unknown.size:
-        raise DataError(f"{path}: unknown label value {unknown[0]} (expected 0 background, 1 intact, "
+        raise DataError(f"{path}: unknown label value {unknown[0]:g} (expected 0 background, 1 intact, "
                         f"2 damaged, 3 destroyed)")
-    return target
+    return raster[:, :, 0].astype(np.int64)
 
 
 class DamageScenes(Source):
@@ -105,9 +108,11 @@ class DamageScenes(Source):
                     for i in range(len(self))), torch.zeros(NUM_CLASSES, dtype=torch.long))
 
     def tensors(self, index: int, norms: dict[str, Normalisation]) -> tuple[Tensor, Tensor, Tensor]:
-        """Normalised pre (C, H, W), post (C, H, W) and the target (H, W) of scene ``index``."""
+        """Normalised pre (C, H, W), post (C, H, W) and the target (H, W) of scene ``index``; nodata pixels
+        (NaN from the reader) become the training mean, 0 once normalised."""
         arrays = self.load(index)
-        pre, post = (norms[m](torch.from_numpy(arrays[m]).permute(2, 0, 1)) for m in ("opt", "sar"))
+        pre, post = (norms[m](norms[m].fill_nodata(torch.from_numpy(arrays[m]).permute(2, 0, 1)))
+                     for m in ("opt", "sar"))
         return pre, post, torch.from_numpy(self.target(index))
 
 
