@@ -31,7 +31,7 @@ from tqdm import tqdm
 from codemae.config import ScalingConfig, SourceConfig, SyntheticConfig
 from codemae.data.readers import read_raster, unit_array, valid_pixels
 from codemae.data.sources import FolderSource
-from codemae.data.synthetic import CLASSES, generate_scene
+from codemae.data.synthetic import generate_scene
 from codemae.errors import ConfigError, DataError
 from codemae.eval.data import mask_files, read_mask
 from codemae.eval.device import module_device
