@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from codemae.config import SourceConfig
 from codemae.data.listing import source_modalities, source_name
@@ -50,6 +53,18 @@ def compute_stats(source: Source, max_samples: int, indices: np.ndarray | None =
         std = np.sqrt(np.maximum(squares[m] / counts[m] - mean**2, 0.0))
         stats[m] = Normalisation(mean.round(6).tolist(), np.maximum(std, 1e-6).round(6).tolist())
     return stats
+
+
+def image_channel_stats(images: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and unbiased std (float64; std at least 1e-6) over every pixel of ``(C, H, W)``
+    images, summed image by image rather than holding all their pixels at once."""
+    n, total, squares = 0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for image in images:
+        x = image.flatten(1).double()
+        n, total, squares = n + x.shape[1], total + x.sum(1), squares + x.square().sum(1)
+    mean = total / n
+    std = ((squares - n * mean.square()) / max(n - 1, 1)).clamp_min(0).sqrt()
+    return mean, std.clamp_min(1e-6)
 
 
 def save_stats(stats: dict[str, Normalisation], path: Path, samples: int) -> None:

@@ -25,6 +25,7 @@ from torchvision.transforms import v2
 
 from codemae.config import ScalingConfig
 from codemae.data.readers import load_unit_image, read_header
+from codemae.data.stats import image_channel_stats
 from codemae.errors import ConfigError, DataError
 
 FLIP_SUFFIX = "_flip"  # flipped twins of an image (X and X_flip) stay on the same side of a split
@@ -267,12 +268,8 @@ class DetectionImages(torch.utils.data.Dataset):
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std over every pixel of these images (the training-set normalisation)."""
-        n = sum(im[0].numel() for im in self.images)  # running sums: no copy of the whole set
-        total = sum(im.double().sum((1, 2)) for im in self.images)
-        squares = sum(im.double().square().sum((1, 2)) for im in self.images)
-        mean = total / n
-        std = ((squares - n * mean.square()) / max(n - 1, 1)).clamp_min(0).sqrt()
-        return mean.tolist(), std.clamp_min(1e-6).tolist()
+        mean, std = image_channel_stats(self.images)
+        return mean.tolist(), std.tolist()
 
 
 def multiscale_sizes(size: int) -> list[int]:

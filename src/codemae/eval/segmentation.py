@@ -31,6 +31,7 @@ from tqdm import tqdm
 from codemae.config import ScalingConfig, SourceConfig, SyntheticConfig
 from codemae.data.readers import read_raster, unit_array, valid_pixels
 from codemae.data.sources import FolderSource
+from codemae.data.stats import image_channel_stats
 from codemae.data.synthetic import generate_scene
 from codemae.errors import ConfigError, DataError
 from codemae.eval.data import mask_files, read_mask
@@ -261,16 +262,11 @@ def choose_split(data: SegmentationData, lists: dict[str, str], train_fraction: 
 
 def channel_stats(data: SegmentationData, indices: np.ndarray) -> dict[str, tuple[Tensor, Tensor]]:
     """Per-channel mean and (unbiased) std over every pixel of the images ``indices`` (the training
-    images), summed image by image in float64 rather than holding all their pixels at once."""
+    images), per modality."""
     stats = {}
     for m in data.images[0]:
-        n, total, squares = 0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        for i in indices:
-            x = data.images[i][m].flatten(1).double()
-            n, total, squares = n + x.shape[1], total + x.sum(1), squares + (x * x).sum(1)
-        mean = total / n
-        var = ((squares - n * mean * mean) / max(n - 1, 1)).clamp_min(0)
-        stats[m] = (mean.float(), var.sqrt().float().clamp_min(1e-6))
+        mean, std = image_channel_stats(data.images[i][m] for i in indices)
+        stats[m] = (mean.float(), std.float())
     return stats
 
 
