@@ -35,7 +35,7 @@ from codemae.eval.device import module_device
 from codemae.eval.finetune import layer_decay_groups
 from codemae.eval.report import summarise
 from codemae.eval.seg_heads import ConvBNReLU, LightHead
-from codemae.eval.segmentation import level_maps
+from codemae.eval.segmentation import class_iou, level_maps, miou_of
 from codemae.eval.sliding_window import sliding_window
 from codemae.methods import PretrainMethod
 from codemae.train.optim import lr_at
@@ -125,10 +125,8 @@ def damage_scores(confusion: Tensor) -> dict[str, float]:
     is left out); overall = 0.3 localisation F1 + 0.7 damage F1.
     """
     cm = confusion.double()
-    tp = cm.diag()
-    union = cm.sum(0) + cm.sum(1) - tp
-    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
-    scores = {"mIoU": 100 * float(iou.nanmean())}
+    iou = class_iou(cm)
+    scores = {"mIoU": miou_of(cm)}
     scores |= {f"IoU {name}": 100 * float(v) for name, v in zip(DAMAGE_CLASSES, iou)}
     loc = f1(cm[1:, 1:].sum(), cm[0, 1:].sum(), cm[1:, 0].sum())
     on_buildings = cm[1:]  # rows of building pixels, every predicted class

@@ -380,11 +380,17 @@ def confusion(pred: Tensor, target: Tensor, num_classes: int, ignore: int) -> Te
     return multiclass_confusion_matrix(pred.flatten(), target.flatten(), num_classes, ignore_index=ignore)
 
 
+def class_iou(matrix: Tensor) -> Tensor:
+    """IoU per class of a confusion matrix (float64), NaN for a class absent from prediction and target."""
+    cm = matrix.double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+
+
 def miou_of(matrix: Tensor) -> float:
     """Mean IoU (%) over the classes present in prediction or target of a confusion matrix."""
-    cm = matrix.double()
-    union = cm.sum(0) + cm.sum(1) - cm.diag()
-    return 100 * float((cm.diag()[union > 0] / union[union > 0]).mean())
+    return 100 * float(class_iou(matrix).nanmean())
 
 
 def run_segmentation(load: Callable[[], PretrainMethod], data: SegmentationData, modality: str, recipe: Recipe,
