@@ -1,5 +1,6 @@
 """Speed settings of a run (precision by device, TF32, torch.compile with its fallback, fused AdamW, bf16
-teacher) keep the math, and the official-MAE comparison runs when a local copy is given."""
+teacher, decoders predicting only the masked patches the losses read) keep the math, and the
+official-MAE comparison runs when a local copy is given."""
 
 from __future__ import annotations
 
@@ -18,7 +19,12 @@ from codemae.checkpoint import load_checkpoint, save_atomic
 from codemae.cli import main
 from codemae.config import Config, MethodConfig, ModelConfig
 from codemae.methods import build_method
+from codemae.losses import masked_mean, patch_errors, patchify
+from codemae.masking import modality_masks
+from codemae.methods.cdr_targets import as_rgb
 from codemae.models.attention import Block
+from codemae.models.backbone import gather_tokens
+from codemae.models.decoder import MaskedDecoder
 from codemae.train import accel
 from codemae.train.engine import CHECKPOINT, pretrain
 from codemae.train.optim import adamw_kind, param_groups, pretraining_optimizer
@@ -206,8 +212,9 @@ def test_attention_reaches_sdpa_without_masks_and_with_unit_stride(monkeypatch):
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
     x = torch.randn(2, 5, 8)
     attention.Attention(8, 2)(x)
+    attention.Attention(8, 2)(x, torch.tensor([[0, 3], [4, 1]]))  # queries at some tokens only
     attention.CrossAttention(8, 2)(x, torch.randn(2, 3, 8))
-    assert calls == [((), {}, [1, 1, 1])] * 2
+    assert calls == [((), {}, [1, 1, 1])] * 3
 
 
 @pytest.mark.parametrize("override, key", [("train.compile=maybe", "train.compile"),
@@ -218,3 +225,119 @@ def test_bad_compile_or_precision_values_are_config_errors(override, key):
 
     with pytest.raises(ConfigError, match=key):
         load_config(None, [override])
+
+
+# --- the decoders predict only the masked patches the losses read ---
+
+def test_decoder_at_positions_equals_the_full_prediction_taken_there():
+    """Any positions, unequal counts per modality (one last-block call each), and a decoder without blocks."""
+    for depth in (2, 0):
+        torch.manual_seed(0)
+        decoder = MaskedDecoder(16, depth, 2, 4, {"opt": 12, "sar": 4}).eval()
+        inputs = {"opt": (torch.randn(3, 5, 16), torch.randperm(16).repeat(3, 1)),
+                  "sar": (torch.randn(3, 8, 16), torch.randperm(16).repeat(3, 1))}
+        positions = {"opt": torch.randint(0, 16, (3, 7)), "sar": torch.randint(0, 16, (3, 2))}
+        full, part = decoder(inputs), decoder(inputs, positions)
+        for m, ids in positions.items():
+            assert part[m].shape == (3, ids.shape[1], decoder.outputs[m])
+            torch.testing.assert_close(part[m], gather_tokens(full[m], ids), rtol=1e-5, atol=1e-6)
+        equal = {"opt": positions["opt"], "sar": positions["opt"].flip(0)}  # equal counts: one call for both
+        torch.testing.assert_close(decoder(inputs, equal)["sar"], gather_tokens(full["sar"], equal["sar"]),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_ids_masked_are_the_masked_patches():
+    mask = modality_masks(["opt"], 5, 16, 0.75, "independent", generator=torch.Generator().manual_seed(0))["opt"]
+    assert mask.ids_masked.shape == (5, 12)
+    for row in range(5):
+        assert sorted(mask.ids_masked[row].tolist()) == mask.mask[row].nonzero().flatten().tolist()
+
+
+def full_reconstruction(model, images, visible):
+    """The joint-MAE loss as computed before: every position predicted, the 0/1 mask weighting the mean."""
+    preds = model.decode(visible)
+    p = model.encoder.patch_size
+    errors = [patch_errors(preds[m], patchify(images[m], p), model.cfg.norm_pix_loss) for m in images]
+    return masked_mean(errors, [visible[m].mask.mask for m in images])
+
+
+def full_degraded_reconstruction(model, batch, visible):
+    """CoDe-MAE's CDR loss as computed before (every position predicted, masked mean)."""
+    decoder, target, p = model.cdr_decoder, model.cdr_target, model.encoder.patch_size
+    preds = decoder({m: (visible[m].tokens, visible[m].mask.ids_restore) for m in decoder.outputs})
+    source = {"sar": "opt", "opt": "sar"}
+    errors = [patch_errors(pred, target.compute(as_rgb(batch[source[m]]), p), model.cfg.norm_pix_loss)
+              for m, pred in preds.items()]
+    return masked_mean(errors, [visible[m].mask.mask for m in preds])
+
+
+def full_fusmae(model, batch, masks):
+    """Fus-MAE's loss as computed before (every position predicted, masked mean) for the given masks."""
+    images = model.images(batch)
+    latents = model.encoder(images, {m: masks[m].ids_keep for m in images})
+    z = {m: model.decoder_embed(latents[m].levels) for m in images}
+    errors = []
+    for m in images:
+        fused = model.decoder_fusion[m](z[m], z["sar" if m == "opt" else "opt"])
+        pred = model.decoders[m]({m: (fused, masks[m].ids_restore)})[m]
+        errors.append(patch_errors(pred, patchify(images[m], model.encoder.patch_size), model.cfg.norm_pix_loss))
+    return masked_mean(errors, [masks[m].mask for m in images])
+
+
+def assert_same_loss_and_gradients(model, new, old):
+    params = dict(model.named_parameters())
+    grads_new = torch.autograd.grad(new, list(params.values()), retain_graph=True, allow_unused=True)
+    grads_old = torch.autograd.grad(old, list(params.values()), allow_unused=True)
+    assert new.item() == pytest.approx(old.item(), rel=1e-5)
+    checked = 0
+    for name, g_new, g_old in zip(params, grads_new, grads_old):
+        assert (g_new is None) == (g_old is None), name
+        if g_old is not None:
+            torch.testing.assert_close(g_new, g_old, rtol=1e-4, atol=1e-7, msg=name)
+            checked += int(g_old.abs().sum() > 0)
+    assert checked > 10  # real gradients, not zeros compared with zeros
+
+
+def pair_batch(sar_channels=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return make_batch(torch.randn(2, 3, 64, 64, generator=g), torch.randn(2, sar_channels, 64, 64, generator=g), True)
+
+
+@pytest.mark.parametrize("method", [
+    {"decoder": "shared"},
+    {"decoder": "independent"},
+    {"masking": "independent", "sar_mask_ratio": 0.5},  # unequal masked counts through the shared decoder
+])
+def test_joint_mae_masked_only_decoding_keeps_loss_and_gradients(tmp_path, method):
+    torch.manual_seed(0)
+    model = build_method(tiny_config(tmp_path, model={"img_size": 64}, method={"decoder_depth": 2, **method}))
+    b = pair_batch()
+    images = model.images(b)
+    visible = model.embed_visible(images)
+    assert_same_loss_and_gradients(model, model.reconstruction(images, visible),
+                                   full_reconstruction(model, images, visible))
+
+
+@pytest.mark.parametrize("direction", ["sar_to_opt", "both"])
+def test_codemae_cdr_masked_only_decoding_keeps_loss_and_gradients(tmp_path, direction):
+    torch.manual_seed(0)
+    method = {"name": "codemae", "cdr": True, "cdr_direction": direction, "decoder_depth": 2,
+              "masking": "independent", "sar_mask_ratio": 0.5}
+    model = build_method(tiny_config(tmp_path, model={"img_size": 64}, method=method))
+    b = pair_batch()
+    visible = model.embed_visible(model.images(b))
+    assert_same_loss_and_gradients(model, model.degraded_reconstruction(b, visible),
+                                   full_degraded_reconstruction(model, b, visible))
+
+
+def test_fusmae_masked_only_decoding_keeps_loss_and_gradients(tmp_path):
+    vit = {"backbone": "vit_tiny", "img_size": 64, "embed_dim": 32, "num_heads": 2, "depth": 2}
+    method = {"name": "fusmae", "decoder_depth": 2, "masking": "independent", "sar_mask_ratio": 0.5}
+    torch.manual_seed(0)
+    model = build_method(tiny_config(tmp_path, model=vit, method=method))
+    b = pair_batch()
+    torch.manual_seed(3)
+    new = model(b)["recon"]
+    torch.manual_seed(3)  # the masks the forward drew
+    masks = modality_masks(["opt", "sar"], 2, model.encoder.num_patches, model.cfg.mask_ratios, "independent")
+    assert_same_loss_and_gradients(model, new, full_fusmae(model, b, masks))

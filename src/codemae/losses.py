@@ -53,6 +53,12 @@ def masked_mean(values: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
     return sum((v * m).sum() for v, m in zip(values, masks)) / sum(m.sum() for m in masks)
 
 
+def pooled_mean(values: Sequence[Tensor]) -> Tensor:
+    """Mean over every element of all ``values``, pooled (the masked mean of values already taken at
+    the masked positions)."""
+    return sum(v.sum() for v in values) / sum(v.numel() for v in values)
+
+
 def masked_patch_mse(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
     """MAE reconstruction loss: per-patch MSE averaged over masked patches only (``mask`` 1)."""
     return masked_mean([patch_errors(pred, target, norm_pix)], [mask])

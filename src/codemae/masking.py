@@ -22,6 +22,11 @@ class Mask:
     ids_restore: Tensor
     mask: Tensor
 
+    @property
+    def ids_masked(self) -> Tensor:
+        """(B, N - L): the masked patch indices (where ``mask`` is 1), in ascending order of their noise."""
+        return self.ids_restore.argsort(dim=1)[:, self.ids_keep.shape[1]:]
+
 
 def num_visible(num_patches: int, ratio: float) -> int:
     """Visible patches for a mask ratio (MAE rounds down the kept count): 196 at 0.75 -> 49."""

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from codemae.batch import Batch
 from codemae.config import MethodConfig
 from codemae.errors import ConfigError
-from codemae.losses import masked_mean, patch_errors, symmetric_info_nce
+from codemae.losses import patch_errors, pooled_mean, symmetric_info_nce
 from codemae.methods.ccl_heads import CCL_HEADS
 from codemae.methods.cdr_targets import CDR_TARGETS, as_rgb
 from codemae.methods.mae import JointMAE, Visible
@@ -108,17 +108,19 @@ class CoDeMAE(JointMAE):
 
     def degraded_reconstruction(self, batch: Batch, visible: dict[str, Visible]) -> Tensor:
         """Norm-pix MSE on masked patches of the optical image's degraded target predicted from the SAR
-        tokens (plus, ``both``, the SAR image's from the optical tokens), pooled over both directions."""
+        tokens (plus, ``both``, the SAR image's from the optical tokens), pooled over both directions
+        (the decoder predicts the masked patches only)."""
         p = self.encoder.patch_size
         inputs = {m: (visible[m].tokens, visible[m].mask.ids_restore) for m in self.cdr_decoder.outputs}
-        preds = self.cdr_decoder(inputs)
+        masked = {m: visible[m].mask.ids_masked for m in inputs}
+        preds = self.cdr_decoder(inputs, masked)
         source = {"sar": "opt", "opt": "sar"}  # the tokens of one modality predict the other's target
-        errors, masks = [], []
+        errors = []
         for m, pred in preds.items():
             image = unit_image(batch, source[m]) if self.cdr_target.unit else batch[source[m]]
-            errors.append(patch_errors(pred, self.cdr_target.compute(as_rgb(image), p), self.cfg.norm_pix_loss))
-            masks.append(visible[m].mask.mask)
-        return masked_mean(errors, masks)
+            target = gather_tokens(self.cdr_target.compute(as_rgb(image), p), masked[m])
+            errors.append(patch_errors(pred, target, self.cfg.norm_pix_loss))
+        return pooled_mean(errors)
 
     def cross_reconstructions(self, images: dict[str, Tensor], visible: dict[str, Visible]) -> dict[str, Tensor]:
         """``cdr_recon``: the degraded optical target predicted from the SAR tokens (pixel targets only)."""

@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from codemae.batch import MODALITIES, Batch
 from codemae.config import Config, MethodConfig
 from codemae.errors import ConfigError
-from codemae.losses import masked_mean, patch_errors, patchify
+from codemae.losses import patch_errors, patchify, pooled_mean
 from codemae.masking import modality_masks
 from codemae.methods.base import PretrainMethod
-from codemae.models.backbone import Encoder
+from codemae.models.backbone import Encoder, gather_tokens
 from codemae.models.build import build_backbone, build_fusion_encoder
 from codemae.models.decoder import DecoderEmbed, MaskedDecoder
 from codemae.models.fusion import CrossFusion
@@ -61,9 +61,11 @@ class FusMAE(PretrainMethod):
         latents = self.encoder(images, {m: masks[m].ids_keep for m in images})
         z = {m: self.decoder_embed(latents[m].levels) for m in images}
         errors = []
-        for m in images:
+        for m in images:  # each decoder predicts its modality's masked patches only
             other = next((z[o] for o in images if o != m), None)
             fused = self.decoder_fusion[m](z[m], other)
-            pred = self.decoders[m]({m: (fused, masks[m].ids_restore)})[m]
-            errors.append(patch_errors(pred, patchify(images[m], self.encoder.patch_size), self.cfg.norm_pix_loss))
-        return {"recon": masked_mean(errors, [masks[m].mask for m in images])}
+            masked = masks[m].ids_masked
+            pred = self.decoders[m]({m: (fused, masks[m].ids_restore)}, {m: masked})[m]
+            target = gather_tokens(patchify(images[m], self.encoder.patch_size), masked)
+            errors.append(patch_errors(pred, target, self.cfg.norm_pix_loss))
+        return {"recon": pooled_mean(errors)}

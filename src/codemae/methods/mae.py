@@ -9,10 +9,10 @@ from torch import Tensor, nn
 
 from codemae.batch import MODALITIES, Batch
 from codemae.config import MethodConfig
-from codemae.losses import denormalise, masked_mean, patch_errors, patchify, unpatchify
+from codemae.losses import denormalise, patch_errors, patchify, pooled_mean, unpatchify
 from codemae.masking import Mask, modality_masks
 from codemae.methods.base import PretrainMethod
-from codemae.models.backbone import Encoder
+from codemae.models.backbone import Encoder, gather_tokens
 from codemae.models.decoder import DecoderEmbed, MaskedDecoder
 
 
@@ -83,21 +83,25 @@ class JointMAE(PretrainMethod):
             for m in images
         }
 
-    def decode(self, visible: dict[str, Visible]) -> dict[str, Tensor]:
-        """Each modality's predicted patches (B, N, P*P*C) from its decoder."""
+    def decode(self, visible: dict[str, Visible], positions: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Each modality's predicted patches (B, N, P*P*C) from its decoder; with ``positions[m]`` (B, M)
+        only those patches, (B, M, P*P*C) (see :class:`~codemae.models.decoder.MaskedDecoder`)."""
         preds: dict[str, Tensor] = {}
         for name, decoder in self.decoders.items():
             mods = [m for m in visible if name in ("shared", m)]
             if mods:
-                preds.update(decoder({m: (visible[m].tokens, visible[m].mask.ids_restore) for m in mods}))
+                inputs = {m: (visible[m].tokens, visible[m].mask.ids_restore) for m in mods}
+                preds.update(decoder(inputs, None if positions is None else {m: positions[m] for m in mods}))
         return preds
 
     def reconstruction(self, images: dict[str, Tensor], visible: dict[str, Visible]) -> Tensor:
-        """Norm-pix MSE on masked patches, pooled over all modalities' masked patches."""
-        preds = self.decode(visible)
+        """Norm-pix MSE on masked patches, pooled over all modalities' masked patches (the decoder
+        predicts those patches only)."""
+        masked = {m: visible[m].mask.ids_masked for m in images}
+        preds = self.decode(visible, masked)
         p = self.encoder.patch_size
-        errors = [patch_errors(preds[m], patchify(images[m], p), self.cfg.norm_pix_loss) for m in images]
-        return masked_mean(errors, [visible[m].mask.mask for m in images])
+        targets = {m: gather_tokens(patchify(images[m], p), masked[m]) for m in images}
+        return pooled_mean([patch_errors(preds[m], targets[m], self.cfg.norm_pix_loss) for m in images])
 
     @torch.no_grad()
     def reconstruct(self, images: dict[str, Tensor]) -> dict[str, Tensor]:

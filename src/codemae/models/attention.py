@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from codemae.models.backbone import gather_tokens
+
 LN_EPS = 1e-6
 
 
@@ -51,11 +53,24 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+    def forward(self, x: Tensor, queries: Tensor | None = None) -> Tensor:
+        """(B, N, D) -> (B, N, D); with ``queries`` (B, M) token indices, the output (B, M, D) at those
+        tokens only (their queries attend to the keys and values of all N tokens)."""
+        if queries is None:
+            q, k, v = self._heads(x, slice(0, 3))
+        else:
+            (q,) = self._heads(gather_tokens(x, queries), slice(0, 1))
+            k, v = self._heads(x, slice(1, 3))
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        b, m, d = q.shape[0], q.shape[2], x.shape[-1]
+        return self.proj(out.transpose(1, 2).reshape(b, m, d))
+
+    def _heads(self, x: Tensor, parts: slice) -> Tensor:
+        """The ``parts`` of [q | k | v] projected from ``x`` (B, L, D), as (parts, B, heads, L, D / heads)."""
+        b, n, d = x.shape
+        weight = self.qkv.weight.view(3, d, d)[parts].flatten(0, 1)
+        bias = None if self.qkv.bias is None else self.qkv.bias.view(3, d)[parts].flatten()
+        return F.linear(x, weight, bias).view(b, n, -1, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
 
 
 class CrossAttention(nn.Module):
@@ -94,10 +109,13 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, queries: Tensor | None = None) -> Tensor:
+        """(B, N, D) -> (B, N, D); with ``queries`` (B, M) token indices, the output (B, M, D) at those
+        tokens only (keys and values still come from all N tokens)."""
+        y = x if queries is None else gather_tokens(x, queries)
         if self.attn is not None:
-            x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+            y = y + self.drop_path(self.attn(self.norm1(x), queries))
+        return y + self.drop_path(self.mlp(self.norm2(y)))
 
 
 class CrossAttentionResidual(nn.Module):

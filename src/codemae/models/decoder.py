@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from codemae.models.attention import Block, layer_norm
+from codemae.models.backbone import gather_tokens
 from codemae.models.pos_embed import resize_pos_embed, sincos_2d
 
 
@@ -66,23 +67,38 @@ class MaskedDecoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
 
-    def forward(self, inputs: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    def forward(self, inputs: dict[str, tuple[Tensor, Tensor]],
+                positions: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """``inputs[m] = (visible tokens (B, L, D), ids_restore (B, N))`` -> predictions (B, N, outputs[m]).
 
-        All modalities run through the blocks as one batch.
+        All modalities run through the blocks as one batch. ``positions[m]`` (B, M) patch indices:
+        predict only there, (B, M, outputs[m]); the last block then computes its queries, MLP, norm
+        and head at those positions only (its keys and values still come from all N).
         """
         names = list(inputs)
         full = [self._unshuffle(*inputs[m]) for m in names]
         sizes = [x.shape[0] for x in full]
         x = torch.cat(full)
         x = x + resize_pos_embed(self.pos_embed, x.shape[1])
-        for block in self.blocks:
+        blocks = list(self.blocks)
+        last = blocks.pop() if positions is not None and blocks else None
+        for block in blocks:
             x = block(x)
-        x = self.norm(x)
-        return {m: self.heads[str(self.outputs[m])](part) for m, part in zip(names, x.split(sizes))}
+        parts = x.split(sizes) if positions is None else at_positions(last, x, sizes, [positions[m] for m in names])
+        return {m: self.heads[str(self.outputs[m])](self.norm(part)) for m, part in zip(names, parts)}
 
     def _unshuffle(self, visible: Tensor, ids_restore: Tensor) -> Tensor:
         b, n = ids_restore.shape
         mask = self.mask_token * self.mask_copies if self.mask_copies != 1 else self.mask_token
         tokens = torch.cat([visible, mask.expand(b, n - visible.shape[1], -1)], dim=1)
         return torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def at_positions(last: Block | None, x: Tensor, sizes: list[int], positions: list[Tensor]) -> list[Tensor]:
+    """Each modality's tokens (its ``sizes`` rows of ``x``) at its ``positions`` (B, M) after the ``last``
+    block, computed there only (taken as they are without a block); one call for all modalities when
+    they have equally many positions."""
+    step = last if last is not None else gather_tokens
+    if len({ids.shape[1] for ids in positions}) == 1:
+        return list(step(x, torch.cat(positions)).split(sizes))
+    return [step(part, ids) for part, ids in zip(x.split(sizes), positions)]
