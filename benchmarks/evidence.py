@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +79,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Study:
     args: argparse.Namespace
     out: Path
-    times: dict[str, float] = field(default_factory=dict)
 
     @property
     def data(self) -> Path:
@@ -96,8 +96,16 @@ class Study:
             proc = subprocess.run([*CODEMAE, *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
         if proc.returncode:
             sys.exit(f"evidence: step {step} failed (exit {proc.returncode}); see {log}")
-        self.times[step] = round(time.perf_counter() - start, 1)
-        (self.out / "times.json").write_text(json.dumps(self.times, indent=2) + "\n")
+        self.record_time(step, round(time.perf_counter() - start, 1))
+
+    def record_time(self, step: str, seconds: float) -> None:
+        """Add a step's time to ``times.json``, merged with what is there (studies sharing ``--out`` in
+        parallel, one per core, keep each other's entries), written atomically."""
+        path = self.out / "times.json"
+        times = (json.loads(path.read_text()) if path.exists() else {}) | {step: seconds}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(times, indent=2) + "\n")
+        tmp.replace(path)
 
     # --- MSTAR split -----------------------------------------------------------------------------------
     def mstar_eval_args(self) -> list[str]:
@@ -213,8 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     command = [sys.executable, *sys.argv] if argv is None else argv
     from evidence_table import write_table  # noqa: PLC0415 (benchmarks/ is the script's folder)
 
-    if (out / "times.json").exists():
-        study.times = json.loads((out / "times.json").read_text())
     if args.table_only:
         write_table(out, args, args.methods, command)
         return 0

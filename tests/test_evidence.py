@@ -142,6 +142,18 @@ def test_study_skips_finished_steps_and_names_the_log_of_a_failed_one(evidence, 
         study.run("broken", ["probe"], tmp_path / "absent.json")
 
 
+def test_parallel_studies_on_one_out_keep_each_others_times(evidence, tmp_path, monkeypatch):
+    args = evidence.parse_args(["--out", str(tmp_path)])
+    first, second = evidence.Study(args, tmp_path), evidence.Study(args, tmp_path)  # e.g. one per core
+    monkeypatch.setattr(evidence.subprocess, "run", lambda *a, **k: types.SimpleNamespace(returncode=0))
+    first.run("pretrain_mae", ["pretrain"], tmp_path / "a.json")
+    second.run("pretrain_codemae", ["pretrain"], tmp_path / "b.json")
+    first.run("probe40_mae", ["probe"], tmp_path / "c.json")
+    times = json.loads((tmp_path / "times.json").read_text())
+    assert set(times) == {"pretrain_mae", "pretrain_codemae", "probe40_mae"}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_evidence_refuses_half_a_given_mstar_split(evidence):
     with pytest.raises(SystemExit) as err:
         evidence.parse_args(["--mstar-train", "x"])
