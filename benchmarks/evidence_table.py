@@ -80,10 +80,13 @@ def markdown(rows: list[dict], shots: list[int], ft_shots: list[int], header: li
                   for r in retrieval]
     if analysis:
         keys = ["effective rank (optical)", "effective rank (SAR)", "effective rank (joint)",
-                "mean patch alignment (cosine)", "alignment vs SSIM slope"]
-        lines += ["", "Analysis (`codemae compare`, S1/S2 val pairs):", "",
+                "mean patch alignment (cosine)", "alignment vs SSIM slope",
+                "recon error / patch-mean error (optical)", "recon error / patch-mean error (SAR)"]
+        lines += ["", "Analysis (`codemae compare`, S1/S2 val pairs; recon error / patch-mean error below 1: the "
+                  "masked patches are predicted with structure beyond their means):", "",
                   "| checkpoint | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        lines += ["| " + name + " | " + " | ".join(f"{a[k]:.3f}" for k in keys) + " |" for name, a in analysis.items()]
+        lines += ["| " + name + " | " + " | ".join(f"{a[k]:.3f}" if k in a else "-" for k in keys) + " |"
+                  for name, a in analysis.items()]
     pre = [r for r in rows if "pretraining" in r]
     if pre:
         lines += ["", "Pretraining (steps done / scheduled, wall s, final logged losses):", "",

@@ -1,5 +1,6 @@
 """Analysis measures and the HTML report, opened in headless Chromium."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -11,9 +12,12 @@ import torch
 from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from codemae.analysis.measures import bin_by, effective_rank, patch_ssim, project_2d, singular_spectrum
+from codemae.analysis.collect import RECONSTRUCTED, reconstructions
+from codemae.analysis.measures import (bin_by, effective_rank, patch_ssim, project_2d, reconstruction_errors,
+                                       singular_spectrum)
 from codemae.analysis.report import SECTIONS
 from codemae.cli import main
+from codemae.methods import build_method
 from codemae.train.engine import pretrain
 
 from conftest import tiny_config
@@ -50,6 +54,32 @@ def test_binning_on_hand_made_data():
     assert binned.centres == [0.5, 2.5, 4.5, 6.5, 8.5]
     assert binned.means == [2.0, 6.0, 10.0, 14.0, 18.0]
     assert binned.slope == pytest.approx(2.0) and binned.intercept == pytest.approx(1.0)
+
+
+def test_reconstruction_errors_against_the_patch_mean_predictor_by_hand():
+    target = torch.tensor([[0.0, 2.0, 5.0, 5.0], [1.0, 3.0, 0.0, 4.0]]).reshape(1, 1, 2, 4)  # two 2x2 patches
+    mask = torch.tensor([[1, 0]])  # the left patch (0, 2, 1, 3; mean 1.5) is masked, the right one visible
+    means = torch.tensor([[1.5, 1.5, 7.0, 7.0], [1.5, 1.5, 7.0, 7.0]]).reshape(1, 1, 2, 4)
+    assert reconstruction_errors(means, target, mask, 2) == (5.0, 5.0)  # (0-1.5)^2+(2-1.5)^2+(1-1.5)^2+(3-1.5)^2
+    assert reconstruction_errors(target, target, mask, 2) == (0.0, 5.0)
+    shifted = target + torch.tensor([[0.0, 0.0, 9.0, 9.0]] * 2).reshape(1, 1, 2, 4)  # error only where visible
+    assert reconstruction_errors(shifted, target, mask, 2) == (0.0, 5.0)
+
+
+def test_report_gives_each_modalitys_reconstruction_error_ratio(report):
+    rows = json.loads((report / "report.json").read_text())["checkpoints"]
+    for modality in ("optical", "SAR"):
+        ratio = rows[0][f"recon error / patch-mean error ({modality})"]
+        assert 0.5 < ratio < 5.0  # norm-pix, 2 steps: predictions near each patch's mean, mapped back
+
+
+def test_a_method_without_pixel_decoder_has_no_reconstruction_or_ratio(tmp_path):
+    vit = {"backbone": "vit_tiny", "embed_dim": 32, "num_heads": 2, "depth": 2}
+    inputs = {"opt": torch.randn(6, 3, 32, 32), "sar": torch.randn(6, 1, 32, 32)}  # two batches of 4
+    fusmae = build_method(tiny_config(tmp_path, model=vit, method={"name": "fusmae"})).eval()
+    assert reconstructions(fusmae, inputs, 4) == ({}, {})
+    shown, ratios = reconstructions(build_method(tiny_config(tmp_path)).eval(), inputs, 4)
+    assert set(ratios) == {"opt", "sar"} and shown["sar_recon"].shape == (RECONSTRUCTED, 1, 32, 32)
 
 
 def test_projection_falls_back_to_pca_without_umap():

@@ -1,7 +1,7 @@
 import torch
 
 from codemae.batch import make_batch
-from codemae.losses import masked_patch_mse, patch_errors, patchify, unpatchify
+from codemae.losses import masked_mean, patch_errors, patchify, unpatchify
 from codemae.methods import build_method
 
 from conftest import tiny_config
@@ -21,7 +21,7 @@ def test_norm_pix_mse_hand_computed():
     pred = torch.zeros(1, 2, 2)
     mask = torch.tensor([[1.0, 0.0]])
     # patch 0 normalised: mean 2, unbiased var 2 -> [-1/sqrt(2), 1/sqrt(2)] (eps negligible); mse = 0.5
-    assert torch.allclose(masked_patch_mse(pred, target, mask), torch.tensor(0.5), atol=1e-5)
+    assert torch.allclose(masked_mean([patch_errors(pred, target)], [mask]), torch.tensor(0.5), atol=1e-5)
     assert torch.allclose(patch_errors(pred, target, norm_pix=False), torch.tensor([[5.0, 4.0]]))
 
 

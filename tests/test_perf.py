@@ -307,6 +307,7 @@ def pair_batch(sar_channels=1, seed=0):
     {"decoder": "shared"},
     {"decoder": "independent"},
     {"masking": "independent", "sar_mask_ratio": 0.5},  # unequal masked counts through the shared decoder
+    {"masking": "independent", "sar_mask_ratio": 0.0},  # no SAR patch masked: no query at all for SAR
 ])
 def test_joint_mae_masked_only_decoding_keeps_loss_and_gradients(tmp_path, method):
     torch.manual_seed(0)

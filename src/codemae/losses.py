@@ -59,11 +59,6 @@ def pooled_mean(values: Sequence[Tensor]) -> Tensor:
     return sum(v.sum() for v in values) / sum(v.numel() for v in values)
 
 
-def masked_patch_mse(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
-    """MAE reconstruction loss: per-patch MSE averaged over masked patches only (``mask`` 1)."""
-    return masked_mean([patch_errors(pred, target, norm_pix)], [mask])
-
-
 def gather_rows(x: Tensor) -> tuple[Tensor, int]:
     """Every process's rows of ``x`` stacked in rank order, and the world size.
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from codemae.analysis.measures import patch_alignment, patch_ssim
+from codemae.analysis.measures import patch_alignment, patch_ssim, reconstruction_errors
 from codemae.data.sources import Source
 from codemae.data.stats import compute_stats
 from codemae.eval.device import inference_autocast, module_device
@@ -22,7 +22,9 @@ RECONSTRUCTED = 4  # pairs shown in the reconstruction figure
 @dataclass
 class Collected:
     """Per pair: pooled embeddings (N, D), patch alignment and patch SSIM (N, P); the model
-    inputs and the method's reconstructions of the first pairs (empty if it has none)."""
+    inputs and the method's reconstructions of the first pairs, and per modality the masked-patch
+    squared error of its reconstructions over all pairs divided by the patch-mean predictor's (both
+    empty if it has no pixel decoder)."""
 
     opt: Tensor
     sar: Tensor
@@ -30,6 +32,7 @@ class Collected:
     ssim: Tensor
     inputs: dict[str, Tensor]
     reconstructions: dict[str, Tensor]
+    recon_error_ratio: dict[str, float]
 
 
 def unit_images(source: Source, count: int, size: int) -> dict[str, Tensor]:
@@ -64,7 +67,24 @@ def collect(method: PretrainMethod, source: Source, count: int = 200, batch: int
         aligned.append(patch_alignment(tokens["opt"], tokens["sar"]))
     ssim = patch_ssim(grayscale(units["opt"]), units["sar"].mean(1, keepdim=True), encoder.patch_size)
     torch.manual_seed(seed)
-    shown = {m: x[:RECONSTRUCTED] for m, x in inputs.items()}
-    recon = {} if method.encoder_only else method.reconstruct({m: x.to(device) for m, x in shown.items()})
-    return Collected(torch.cat(pooled["opt"]), torch.cat(pooled["sar"]), torch.cat(aligned), ssim, shown,
-                     {k: v.cpu() for k, v in recon.items()})
+    recon, ratios = ({}, {}) if method.encoder_only else reconstructions(method, inputs, batch)
+    return Collected(torch.cat(pooled["opt"]), torch.cat(pooled["sar"]), torch.cat(aligned), ssim,
+                     {m: x[:RECONSTRUCTED] for m, x in inputs.items()}, recon, ratios)
+
+
+def reconstructions(method: PretrainMethod, inputs: dict[str, Tensor], batch: int) -> tuple[dict[str, Tensor],
+                                                                                         dict[str, float]]:
+    """The method's reconstructions of the first :data:`RECONSTRUCTED` pairs, and per modality the
+    masked-patch squared error over all pairs relative to the patch-mean predictor's
+    (:func:`~codemae.analysis.measures.reconstruction_errors`)."""
+    device, patch = module_device(method), method.encoder.patch_size
+    sums: dict[str, list[float]] = {}
+    shown: dict[str, Tensor] = {}
+    for start in range(0, len(inputs["opt"]), batch):
+        part = {m: x[start : start + batch] for m, x in inputs.items()}
+        out = {k: v.float().cpu() for k, v in method.reconstruct({m: x.to(device) for m, x in part.items()}).items()}
+        shown = shown or {k: v[:RECONSTRUCTED] for k, v in out.items()}
+        for m in (m for m in part if f"{m}_recon" in out):  # none for a method that reconstructs nothing (Fus-MAE)
+            errors = reconstruction_errors(out[f"{m}_recon"], part[m], out[f"{m}_mask"], patch)
+            sums[m] = [total + e for total, e in zip(sums.get(m, [0.0, 0.0]), errors)]
+    return shown, {m: model / max(means, 1e-12) for m, (model, means) in sums.items()}

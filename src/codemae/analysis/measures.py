@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from codemae.losses import patchify
+
 
 def singular_spectrum(x: Tensor, centre: bool = True) -> Tensor:
     """Singular values of the embedding matrix (N, D), divided by the largest (log-plot ready)."""
@@ -43,6 +45,19 @@ def patch_ssim(a: Tensor, b: Tensor, patch: int) -> Tensor:
     values = structural_similarity_index_measure(patches(a.float()), patches(b.float()), data_range=1.0,
                                                  reduction="none", kernel_size=min(11, patch - (patch + 1) % 2))
     return values.reshape(a.shape[0], -1)
+
+
+def reconstruction_errors(recon: Tensor, target: Tensor, mask: Tensor, patch: int) -> tuple[float, float]:
+    """Squared error summed over the masked patches (``mask`` (B, N) 1) of the reconstruction and of the
+    patch-mean predictor (each masked patch filled with its own true mean over all its pixels and
+    channels, what a model that learnt nothing beyond patch means reaches at best). For a norm-pix model,
+    whose predictions are mapped back with each target patch's true mean and variance, the ratio is
+    close to its loss weighted by each patch's variance. Images (B, C, H, W)."""
+    r, t = patchify(recon.float(), patch), patchify(target.float(), patch)
+    m = mask.float()[..., None]
+    model = ((r - t) ** 2 * m).sum()
+    means = ((t - t.mean(-1, keepdim=True)) ** 2 * m).sum()
+    return float(model), float(means)
 
 
 def patch_alignment(opt_tokens: Tensor, sar_tokens: Tensor) -> Tensor:

@@ -14,6 +14,8 @@ from torch import Tensor
 from codemae.analysis.collect import Collected
 from codemae.analysis.measures import Binned, bin_by, effective_rank, project_2d, singular_spectrum
 
+MODALITY_NAMES = {"opt": "optical", "sar": "SAR"}
+
 SECTIONS = ("Summary", "Singular value spectrum", "Paired embeddings", "Alignment vs heterogeneity", "Reconstructions")
 
 
@@ -56,6 +58,8 @@ class Analysis:
         return {**{f"effective rank ({k})": v for k, v in self.ranks.items()},
                 "mean patch alignment (cosine)": float(self.collected.alignment.mean()),
                 "alignment vs SSIM slope": self.binned.slope,
+                **{f"recon error / patch-mean error ({MODALITY_NAMES[m]})": v
+                   for m, v in self.collected.recon_error_ratio.items()},
                 "pairs": len(self.collected.opt)}
 
 
@@ -184,7 +188,7 @@ def _section(title: str, content: str) -> str:
 def _table(rows: list[dict], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
-    body = "".join("<tr>" + "".join(f"<td>{fmt(r[c])}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, '-'))}</td>" for c in columns) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -205,7 +209,7 @@ def write_report(analyses: list[Analysis], out: Path, source_name: str, patch: i
                          f'alt="reconstructions of {html.escape(a.name)}">')
         else:
             recon.append(f"<h3>{html.escape(a.name)}</h3><p>This method has no pixel decoder to show.</p>")
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(c for r in rows for c in r))  # an export has no reconstruction columns
     body = [
         _section(SECTIONS[0], f"<p>{len(analyses[0].collected.opt)} pairs of {html.escape(source_name)}; each "
                  "modality encoded on its own, tokens mean-pooled. <a href=\"report.json\">report.json</a> holds "
@@ -217,8 +221,14 @@ def write_report(analyses: list[Analysis], out: Path, source_name: str, patch: i
         _section(SECTIONS[3], "<p>Per patch location: cosine similarity of the optical and SAR patch embeddings "
                  "against the SSIM of the grayscale optical and SAR input patches, in equal-count bins, with the "
                  "least-squares trend.</p><img src=\"alignment.png\" alt=\"alignment vs SSIM\">"),
-        _section(SECTIONS[4], "<p>Masked patches are predicted, visible ones copied; predictions are mapped back "
-                 "with each target patch's mean and variance, as MAE visualises them.</p>" + "".join(recon)),
+        _section(SECTIONS[4], "<p>Masked patches are predicted, visible ones copied; a model trained on "
+                 "normalised patches (norm-pix) has its predictions mapped back with each target patch's mean and "
+                 "variance, as MAE visualises them. <i>recon error / patch-mean error</i> in the table: the "
+                 "squared error over every masked patch of all pairs, divided by that of filling each masked patch "
+                 "with its own true mean; below 1 the model predicts structure within patches. A norm-pix model is given "
+                 "each patch's true mean and variance when mapped back, a pixel-target model has to predict them: "
+                 "compare the ratio between checkpoints of the same kind of target.</p>"
+                 + "".join(recon)),
     ]
     nav = "".join(f'<a href="#{s.lower().replace(" ", "-")}">{s}</a>' for s in SECTIONS)
     title = "codemae analysis: " + (analyses[0].name if single else f"{len(analyses)} checkpoints compared")

@@ -70,7 +70,8 @@ class Attention(nn.Module):
         b, n, d = x.shape
         weight = self.qkv.weight.view(3, d, d)[parts].flatten(0, 1)
         bias = None if self.qkv.bias is None else self.qkv.bias.view(3, d)[parts].flatten()
-        return F.linear(x, weight, bias).view(b, n, -1, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.linear(x, weight, bias)  # explicit part count: L may be 0 (a modality masked at ratio 0)
+        return out.view(b, n, weight.shape[0] // d, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
 
 
 class CrossAttention(nn.Module):
