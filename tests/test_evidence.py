@@ -89,7 +89,9 @@ def test_finetune_cnn_runs_the_protocol_and_refuses_an_encoder_beside_it(tmp_pat
     assert main(["finetune", "--cnn", "32", "--data", str(data), "--modality", "sar", "--shots", "2",
                  "--seeds", "1", "--epochs", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["train_size"] == 4 and len(next(iter(result["summary"].values()))["values"]) == 1
+    honest = next(iter(result["summary"].values()))
+    assert result["train_size"] == 4 and len(honest["values"]) == 1
+    assert f"seed 0: honest {honest['values'][0]:.2f}, reference " in capsys.readouterr().out  # one line a seed
     with pytest.raises(SystemExit) as err:
         main(["finetune", "--cnn", "32", "--random", "x.yaml", "--data", str(data)])
     assert err.value.code == 2 and "not allowed with" in capsys.readouterr().err

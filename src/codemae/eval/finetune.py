@@ -24,6 +24,7 @@ epochs and the last).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -283,9 +284,12 @@ def run_finetune(load: Callable[[], PretrainMethod], data: LabelledSet, split: S
                            generator=torch.Generator().manual_seed(seed))
         method = load()
         model = Classifier(method, mods, len(data.classes), protocol.bn_head).to(module_device(method))
+        start = time.perf_counter()
         evaluations = finetune_once(model, train, val, test, recipe, seed)
         per_seed.append(seed_result(evaluations, labels[split.val], labels[split.test], data.multilabel,
                                     honest_key(split)))
+        print(f"seed {seed}: honest {next(iter(per_seed[-1].values())):.2f}, reference "
+              f"{per_seed[-1][REFERENCE_KEY]:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
     return {"metric": "micro mAP" if data.multilabel else "overall accuracy", "summary": summarise(per_seed),
             "split": split.as_json(), "train_size": len(train_idx), "val_size": len(split.val),
             "test_size": len(split.test), "epochs": protocol.epochs, "protocol": protocol.__dict__}
