@@ -319,6 +319,31 @@ def test_a_swapped_shard_of_the_same_size_is_detected(tmp_path):
         epoch_ids(stream_of(stream_cfg(tmp_path, shards)))
 
 
+def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(tmp_path, monkeypatch):
+    """Python ignores exceptions raised in finalisers (``__del__`` during garbage collection): a Ctrl-C
+    landing there used to be lost and the run went on. Here one lands in a finaliser during step 3."""
+    from codemae.errors import Interrupted
+    from codemae.train import engine
+
+    class SignalsWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here, inside the finaliser
+
+    original = engine.Trainer.train_step
+
+    def step_then_collect(self, batches, epoch):
+        row = original(self, batches, epoch)
+        if self.step == 3:
+            SignalsWhenCollected()  # collected at once: its KeyboardInterrupt is swallowed
+        return row
+
+    monkeypatch.setattr(engine.Trainer, "train_step", step_then_collect)
+    cfg = tiny_config(tmp_path / "run", train={"epochs": 50})
+    with pytest.raises(Interrupted, match="interrupted at step 3;"):
+        engine.pretrain(cfg)
+
+
 def test_interrupt_prints_one_line_and_keeps_the_checkpoint(tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run", train={"epochs": 10_000, "ckpt_every": 2}))
     env = {**os.environ, "PYTHONPATH": SRC}
@@ -329,6 +354,10 @@ def test_interrupt_prints_one_line_and_keeps_the_checkpoint(tmp_path):
     while not checkpoint.exists() and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("no exit 60 s after Ctrl-C; its stderr ends: " + proc.communicate()[1][-3000:])
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert "interrupted at step" in err.strip().splitlines()[-1] and checkpoint.exists(), err[-3000:]

@@ -14,7 +14,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -306,7 +308,8 @@ class Trainer:
                    disable=not shows_bar(self.cfg, self.info))
         self.method.train()
         try:
-            self.run_steps(bar)
+            with self.sigint_noted():
+                self.run_steps(bar)
         except KeyboardInterrupt:
             bar.close()
             saved = f"the last checkpoint {self.run_dir / CHECKPOINT} (step {self.saved_step}) is intact; re-run " \
@@ -314,6 +317,27 @@ class Trainer:
             raise Interrupted(f"interrupted at step {self.step}; {saved}") from None
         bar.close()
         return self.finish(time.perf_counter() - start, self.step - start_step)
+
+    @contextlib.contextmanager
+    def sigint_noted(self):
+        """Ctrl-C raises KeyboardInterrupt as usual and is also noted, so that one landing where Python
+        swallows exceptions (a finaliser run by garbage collection) still stops the run after the step.
+        Only in the main thread, and only where SIGINT has Python's default handler."""
+        self.interrupt_requested = False
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield
+            return
+
+        def note(signum, frame):
+            self.interrupt_requested = True
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, note)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def run_steps(self, bar: tqdm) -> None:
         """Train from ``self.step`` to ``stop_at``, logging and checkpointing on the way."""
@@ -324,6 +348,8 @@ class Trainer:
             batches = iter(self.loader)
             while in_epoch < self.steps_per_epoch and self.step < self.stop_at and not self.timed_out:
                 row = self.train_step(batches, epoch)
+                if self.interrupt_requested:
+                    raise KeyboardInterrupt
                 in_epoch += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['total']:.4f}")
