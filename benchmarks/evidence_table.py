@@ -81,9 +81,9 @@ def markdown(rows: list[dict], shots: list[int], ft_shots: list[int], header: li
     if analysis:
         keys = ["effective rank (optical)", "effective rank (SAR)", "effective rank (joint)",
                 "mean patch alignment (cosine)", "alignment vs SSIM slope",
-                "recon error / patch-mean error (optical)", "recon error / patch-mean error (SAR)"]
-        lines += ["", "Analysis (`codemae compare`, S1/S2 val pairs; recon error / patch-mean error below 1: the "
-                  "masked patches are predicted with structure beyond their means):", "",
+                "recon error / flattened-recon error (optical)", "recon error / flattened-recon error (SAR)"]
+        lines += ["", "Analysis (`codemae compare`, S1/S2 val pairs; recon error / flattened-recon error below 1: the "
+                  "structure predicted inside masked patches brings them closer to the image than flat patches):", "",
                   "| checkpoint | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         lines += ["| " + name + " | " + " | ".join(f"{a[k]:.3f}" if k in a else "-" for k in keys) + " |"
                   for name, a in analysis.items()]

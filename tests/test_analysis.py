@@ -56,20 +56,22 @@ def test_binning_on_hand_made_data():
     assert binned.slope == pytest.approx(2.0) and binned.intercept == pytest.approx(1.0)
 
 
-def test_reconstruction_errors_against_the_patch_mean_predictor_by_hand():
+def test_reconstruction_errors_against_the_flattened_reconstruction_by_hand():
     target = torch.tensor([[0.0, 2.0, 5.0, 5.0], [1.0, 3.0, 0.0, 4.0]]).reshape(1, 1, 2, 4)  # two 2x2 patches
     mask = torch.tensor([[1, 0]])  # the left patch (0, 2, 1, 3; mean 1.5) is masked, the right one visible
-    means = torch.tensor([[1.5, 1.5, 7.0, 7.0], [1.5, 1.5, 7.0, 7.0]]).reshape(1, 1, 2, 4)
+    means = torch.tensor([[1.5, 1.5, 7.0, 7.0], [1.5, 1.5, 7.0, 7.0]]).reshape(1, 1, 2, 4)  # already flat
     assert reconstruction_errors(means, target, mask, 2) == (5.0, 5.0)  # (0-1.5)^2+(2-1.5)^2+(1-1.5)^2+(3-1.5)^2
     assert reconstruction_errors(target, target, mask, 2) == (0.0, 5.0)
     shifted = target + torch.tensor([[0.0, 0.0, 9.0, 9.0]] * 2).reshape(1, 1, 2, 4)  # error only where visible
     assert reconstruction_errors(shifted, target, mask, 2) == (0.0, 5.0)
+    right_shape_wrong_level = target + torch.tensor([[10.0, 10.0, 0.0, 0.0]] * 2).reshape(1, 1, 2, 4)
+    assert reconstruction_errors(right_shape_wrong_level, target, mask, 2) == (400.0, 405.0)  # 4 x 10^2; 5 + 400
 
 
 def test_report_gives_each_modalitys_reconstruction_error_ratio(report):
     rows = json.loads((report / "report.json").read_text())["checkpoints"]
     for modality in ("optical", "SAR"):
-        ratio = rows[0][f"recon error / patch-mean error ({modality})"]
+        ratio = rows[0][f"recon error / flattened-recon error ({modality})"]
         assert 0.5 < ratio < 5.0  # norm-pix, 2 steps: predictions near each patch's mean, mapped back
 
 

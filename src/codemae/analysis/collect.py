@@ -23,7 +23,8 @@ RECONSTRUCTED = 4  # pairs shown in the reconstruction figure
 class Collected:
     """Per pair: pooled embeddings (N, D), patch alignment and patch SSIM (N, P); the model
     inputs and the method's reconstructions of the first pairs, and per modality the masked-patch
-    squared error of its reconstructions over all pairs divided by the patch-mean predictor's (both
+    squared error of its reconstructions over all pairs divided by that of the same reconstructions
+    flattened to their patch means (both
     empty if it has no pixel decoder)."""
 
     opt: Tensor
@@ -75,7 +76,7 @@ def collect(method: PretrainMethod, source: Source, count: int = 200, batch: int
 def reconstructions(method: PretrainMethod, inputs: dict[str, Tensor], batch: int) -> tuple[dict[str, Tensor],
                                                                                          dict[str, float]]:
     """The method's reconstructions of the first :data:`RECONSTRUCTED` pairs, and per modality the
-    masked-patch squared error over all pairs relative to the patch-mean predictor's
+    masked-patch squared error over all pairs relative to the flattened reconstructions'
     (:func:`~codemae.analysis.measures.reconstruction_errors`)."""
     device, patch = module_device(method), method.encoder.patch_size
     sums: dict[str, list[float]] = {}

@@ -48,16 +48,15 @@ def patch_ssim(a: Tensor, b: Tensor, patch: int) -> Tensor:
 
 
 def reconstruction_errors(recon: Tensor, target: Tensor, mask: Tensor, patch: int) -> tuple[float, float]:
-    """Squared error summed over the masked patches (``mask`` (B, N) 1) of the reconstruction and of the
-    patch-mean predictor (each masked patch filled with its own true mean over all its pixels and
-    channels, what a model that learnt nothing beyond patch means reaches at best). For a norm-pix model,
-    whose predictions are mapped back with each target patch's true mean and variance, the ratio is
-    close to its loss weighted by each patch's variance. Images (B, C, H, W)."""
+    """Squared error against ``target`` summed over the masked patches (``mask`` (B, N) 1) of the
+    reconstruction and of the same reconstruction flattened to its own patch means (over each patch's
+    pixels and channels). The first below the second: the structure the model predicts inside the
+    masked patches is real, not noise around flat patches. Images (B, C, H, W)."""
     r, t = patchify(recon.float(), patch), patchify(target.float(), patch)
     m = mask.float()[..., None]
     model = ((r - t) ** 2 * m).sum()
-    means = ((t - t.mean(-1, keepdim=True)) ** 2 * m).sum()
-    return float(model), float(means)
+    flat = ((r.mean(-1, keepdim=True) - t) ** 2 * m).sum()
+    return float(model), float(flat)
 
 
 def patch_alignment(opt_tokens: Tensor, sar_tokens: Tensor) -> Tensor:

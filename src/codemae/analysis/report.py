@@ -58,7 +58,7 @@ class Analysis:
         return {**{f"effective rank ({k})": v for k, v in self.ranks.items()},
                 "mean patch alignment (cosine)": float(self.collected.alignment.mean()),
                 "alignment vs SSIM slope": self.binned.slope,
-                **{f"recon error / patch-mean error ({MODALITY_NAMES[m]})": v
+                **{f"recon error / flattened-recon error ({MODALITY_NAMES[m]})": v
                    for m, v in self.collected.recon_error_ratio.items()},
                 "pairs": len(self.collected.opt)}
 
@@ -223,11 +223,10 @@ def write_report(analyses: list[Analysis], out: Path, source_name: str, patch: i
                  "least-squares trend.</p><img src=\"alignment.png\" alt=\"alignment vs SSIM\">"),
         _section(SECTIONS[4], "<p>Masked patches are predicted, visible ones copied; a model trained on "
                  "normalised patches (norm-pix) has its predictions mapped back with each target patch's mean and "
-                 "variance, as MAE visualises them. <i>recon error / patch-mean error</i> in the table: the "
-                 "squared error over every masked patch of all pairs, divided by that of filling each masked patch "
-                 "with its own true mean; below 1 the model predicts structure within patches. A norm-pix model is given "
-                 "each patch's true mean and variance when mapped back, a pixel-target model has to predict them: "
-                 "compare the ratio between checkpoints of the same kind of target.</p>"
+                 "variance, as MAE visualises them. <i>recon error / flattened-recon error</i> in the table: the "
+                 "squared error over every masked patch of all pairs, divided by that of the same reconstruction "
+                 "flattened to its own patch means; below 1 the structure predicted inside the masked patches is "
+                 "real (it brings the prediction closer to the image than flat patches at the same levels).</p>"
                  + "".join(recon)),
     ]
     nav = "".join(f'<a href="#{s.lower().replace(" ", "-")}">{s}</a>' for s in SECTIONS)
