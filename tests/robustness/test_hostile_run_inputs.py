@@ -339,6 +339,8 @@ def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(tmp_path, monkeyp
         return row
 
     monkeypatch.setattr(engine.Trainer, "train_step", step_then_collect)
+    # Python's own Ctrl-C handler, even where this test runs with SIGINT ignored (a background job)
+    monkeypatch.setattr(engine.signal, "getsignal", lambda signum: signal.default_int_handler)
     cfg = tiny_config(tmp_path / "run", train={"epochs": 50})
     with pytest.raises(Interrupted, match="interrupted at step 3;"):
         engine.pretrain(cfg)
@@ -348,7 +350,8 @@ def test_interrupt_prints_one_line_and_keeps_the_checkpoint(tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run", train={"epochs": 10_000, "ckpt_every": 2}))
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.Popen([sys.executable, "-m", "codemae.cli", "pretrain", "--config", str(config)],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,  # Ctrl-C live even if ignored here
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while not checkpoint.exists() and time.time() < deadline:
