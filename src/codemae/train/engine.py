@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -319,7 +320,7 @@ class Trainer:
         return self.finish(time.perf_counter() - start, self.step - start_step)
 
     @contextlib.contextmanager
-    def sigint_noted(self):
+    def sigint_noted(self) -> Iterator[None]:
         """Ctrl-C raises KeyboardInterrupt as usual and is also noted, so that one landing where Python
         swallows exceptions (a finaliser run by garbage collection) still stops the run after the step.
         Only in the main thread, and only where SIGINT has Python's default handler."""
