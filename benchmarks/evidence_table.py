@@ -100,9 +100,19 @@ def markdown(rows: list[dict], shots: list[int], ft_shots: list[int], header: li
     return "\n".join(lines) + "\n"
 
 
+def norm_pix(run: Path) -> bool:
+    """Whether a run reconstructed per-patch normalised targets (its ``config.yaml``; MAE's default)."""
+    import yaml
+
+    config = run / "config.yaml"
+    method = yaml.safe_load(config.read_text()).get("method", {}) if config.is_file() else {}
+    return bool(method.get("norm_pix_loss", True))
+
+
 def plot_recon_curves(runs: dict[str, Path], out: Path, smooth: int = 10) -> None:
     """The reconstruction loss of each run (``metrics.csv``, running mean over ``smooth`` logged rows)
-    against its step, in one figure."""
+    against its step, in one figure; with per-patch normalised targets, the loss of predicting each
+    patch's mean (1) as a reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,7 +127,8 @@ def plot_recon_curves(runs: dict[str, Path], out: Path, smooth: int = 10) -> Non
         if len(rows) >= smooth:
             recon = np.convolve([r["recon"] for r in rows], np.ones(smooth) / smooth, mode="valid")
             ax.plot([r["step"] for r in rows][smooth - 1:], recon, label=name)
-    ax.axhline(1.0, color="grey", linestyle=":", label="predicting each patch's mean (norm-pix loss 1)")
+    if any(norm_pix(run) for run in runs.values()):
+        ax.axhline(1.0, color="grey", linestyle=":", label="predicting each patch's mean (norm-pix loss 1)")
     ax.set(xlabel="step", ylabel=f"reconstruction loss (mean of {smooth} logged steps)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -139,7 +150,9 @@ def write_table(out: Path, args, methods: list[str], command: list[str]) -> None
               f"(per step in times.json)", f"- {split}",
               f"- probe: honest protocol, {args.probe_seeds} seeds; fine-tuning: sar-target, {args.ft_seeds} seeds"
               + (f", {args.ft_epochs} epochs" if args.ft_epochs else ", 60 epochs"),
-              "- OKD: no teacher (none within the budget), so CoDe-MAE runs CCL + CDR"]
+              "- OKD: no teacher (none within the budget), so CoDe-MAE runs CCL + CDR",
+              "- loss curves: [recon_curves.png](recon_curves.png); reconstructions, spectra and alignment: "
+              "[compare/index.html](compare/index.html)"]
     analysis = analysis_rows(out)
     (out / "evidence.md").write_text(markdown(rows, args.shots, args.ft_shots, header, analysis))
     (out / "evidence.json").write_text(json.dumps({"header": header, "rows": rows, "analysis": analysis,

@@ -191,3 +191,28 @@ def test_equal_epochs_skip_the_timing_run_and_the_budget_still_caps(evidence, tm
     assert {"train.epochs=3", "train.warmup_epochs=0.3", "train.max_minutes=12.0",
             f"data.sources.1.root={Path('given/train').resolve()}"} <= set(argv)
     assert argv[:3] == ["pretrain", "--config", "configs/pretrain/evidence_codemae.yaml"]
+
+
+def test_the_patch_mean_reference_line_is_for_norm_pix_runs_only(evidence, tmp_path):
+    import evidence_table
+
+    pixel, default = tmp_path / "pixel", tmp_path / "default"
+    pixel.mkdir(), default.mkdir()
+    (pixel / "config.yaml").write_text("method:\n  name: mae\n  norm_pix_loss: false\n")
+    (default / "config.yaml").write_text("method:\n  name: mae\n")
+    assert not evidence_table.norm_pix(pixel)
+    assert evidence_table.norm_pix(default)
+
+
+def test_study_segments_the_flood_chip_and_synthetic_scenes_at_the_cpu_recipe(evidence, tmp_path, monkeypatch):
+    args = evidence.parse_args(["--out", str(tmp_path), "--shots", "10", "--skip", "retrieval",
+                                "--mstar-train", "given/train", "--mstar-test", "given/test"])
+    study, calls = evidence.Study(args, tmp_path), {}
+    monkeypatch.setattr(study, "run", lambda step, argv, done: calls.update({step: (argv, done)}))
+    study.evaluate("mae", ["--checkpoint", "c.pt"])
+    assert set(calls) == {"probe10_mae", "flood_mae", "synthseg_mae"}
+    for step in ("flood_mae", "synthseg_mae"):
+        argv, done = calls[step]
+        assert argv[:3] == ["segment", "--checkpoint", "c.pt"] and done == tmp_path / "eval" / f"{step}.json"
+        assert " ".join(evidence.SEGMENT_RECIPE) in " ".join(argv) and argv[-1] == str(done)
+    assert "--scene" in calls["flood_mae"][0] and "--scene" not in calls["synthseg_mae"][0]
