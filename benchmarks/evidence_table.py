@@ -101,12 +101,11 @@ def markdown(rows: list[dict], shots: list[int], ft_shots: list[int], header: li
 
 
 def norm_pix(run: Path) -> bool:
-    """Whether a run reconstructed per-patch normalised targets (its ``config.yaml``; MAE's default)."""
-    import yaml
+    """Whether a run reconstructed per-patch normalised targets (its ``config.yaml``)."""
+    from codemae.config import load_config
 
     config = run / "config.yaml"
-    method = yaml.safe_load(config.read_text()).get("method", {}) if config.is_file() else {}
-    return bool(method.get("norm_pix_loss", True))
+    return load_config(config if config.is_file() else None).method.norm_pix_loss
 
 
 def plot_recon_curves(runs: dict[str, Path], out: Path, smooth: int = 10) -> None:

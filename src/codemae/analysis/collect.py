@@ -24,8 +24,7 @@ class Collected:
     """Per pair: pooled embeddings (N, D), patch alignment and patch SSIM (N, P); the model
     inputs and the method's reconstructions of the first pairs, and per modality the masked-patch
     squared error of its reconstructions over all pairs divided by that of the same reconstructions
-    flattened to their patch means (both
-    empty if it has no pixel decoder)."""
+    flattened to their patch means (both empty if it has no pixel decoder)."""
 
     opt: Tensor
     sar: Tensor

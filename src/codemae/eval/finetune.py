@@ -275,7 +275,7 @@ def run_finetune(load: Callable[[], PretrainMethod], data: LabelledSet, split: S
     test = DataLoader(Subset(cached, split.test.tolist()), batch_size=100)
     val = DataLoader(Subset(cached, split.val.tolist()), batch_size=100) if len(split.val) else None
     labels = torch.as_tensor(data.labels)
-    per_seed = []
+    honest, per_seed = honest_key(split), []
     for seed in seeds:
         train_idx = training_indices(data, split.train, shots, mode, seed)
         batch = min(protocol.batch_size, len(train_idx))
@@ -286,9 +286,8 @@ def run_finetune(load: Callable[[], PretrainMethod], data: LabelledSet, split: S
         model = Classifier(method, mods, len(data.classes), protocol.bn_head).to(module_device(method))
         start = time.perf_counter()
         evaluations = finetune_once(model, train, val, test, recipe, seed)
-        per_seed.append(seed_result(evaluations, labels[split.val], labels[split.test], data.multilabel,
-                                    honest_key(split)))
-        print(f"seed {seed}: honest {next(iter(per_seed[-1].values())):.2f}, reference "
+        per_seed.append(seed_result(evaluations, labels[split.val], labels[split.test], data.multilabel, honest))
+        print(f"seed {seed}: honest {per_seed[-1][honest]:.2f}, reference "
               f"{per_seed[-1][REFERENCE_KEY]:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
     return {"metric": "micro mAP" if data.multilabel else "overall accuracy", "summary": summarise(per_seed),
             "split": split.as_json(), "train_size": len(train_idx), "val_size": len(split.val),
