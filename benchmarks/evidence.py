@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mstar-train", help="MSTAR training chips, <class>/<image> (default: the fixed split)")
     p.add_argument("--mstar-test", help="MSTAR test chips, <class>/<image> (e.g. the 15-degree SOC set)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--mstar-weight", type=float, help="sampling weight of MSTAR's unpaired chips in the pretraining "
+                                                      "mixture (default: the configs' 2)")
     p.add_argument("--epochs", type=int, help="the same pretraining epochs for every method instead of the epochs that "
                                               "fit --hours at each one's measured step time (--hours still caps it)")
     p.add_argument("--shots", type=int, nargs="+", default=[10, 40])
@@ -74,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give both --mstar-train and --mstar-test, or neither")
     if args.hours <= 0:
         p.error(f"--hours must be positive, got {args.hours}")
+    if args.mstar_weight is not None and args.mstar_weight <= 0:
+        p.error(f"--mstar-weight must be positive, got {args.mstar_weight}")
     args.ft_shots = args.ft_shots or args.shots
     return args
 
@@ -121,10 +125,11 @@ class Study:
 
     def mstar_pretrain_overrides(self) -> list[str]:
         key = f"data.sources.{MSTAR_SOURCE}"
+        weight = [] if self.args.mstar_weight is None else [f"{key}.weight={self.args.mstar_weight}"]
         if self.args.mstar_train:
-            return [f"{key}.root={Path(self.args.mstar_train).resolve()}"]
+            return [f"{key}.root={Path(self.args.mstar_train).resolve()}", *weight]
         lists = write_mstar_split(self.data / "mstar" / "train_17deg", self.out / "mstar_split")
-        return [f"{key}.split=train", f"{key}.split_csv={lists['csv'].resolve()}"]
+        return [f"{key}.split=train", f"{key}.split_csv={lists['csv'].resolve()}", *weight]
 
     # --- pretraining -----------------------------------------------------------------------------------
     def pretrain(self, name: str) -> Path:

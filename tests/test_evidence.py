@@ -193,6 +193,19 @@ def test_equal_epochs_skip_the_timing_run_and_the_budget_still_caps(evidence, tm
     assert argv[:3] == ["pretrain", "--config", "configs/pretrain/evidence_codemae.yaml"]
 
 
+def test_mstar_weight_reaches_every_pretraining_and_must_be_positive(evidence, tmp_path, monkeypatch):
+    args = evidence.parse_args(["--out", str(tmp_path), "--epochs", "2", "--mstar-weight", "6"])
+    study, calls = evidence.Study(args, tmp_path), []
+    monkeypatch.setattr(evidence, "write_mstar_split", lambda root, out: {"csv": out / "split.csv"})
+    monkeypatch.setattr(study, "run", lambda step, argv, done: calls.append(argv))
+    study.pretrain("mae")
+    assert "data.sources.1.weight=6.0" in calls[0] and "data.sources.1.split=train" in calls[0]
+    default = evidence.Study(evidence.parse_args(["--out", str(tmp_path)]), tmp_path)
+    assert not any(".weight=" in a for a in default.mstar_pretrain_overrides())
+    with pytest.raises(SystemExit):
+        evidence.parse_args(["--mstar-weight", "0"])
+
+
 def test_the_patch_mean_reference_line_is_for_norm_pix_runs_only(evidence, tmp_path):
     import evidence_table
 
