@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mstar-test", help="MSTAR test chips, <class>/<image> (e.g. the 15-degree SOC set)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--mstar-weight", type=float, help="sampling weight of MSTAR's unpaired chips in the pretraining "
-                                                      "mixture (default: the configs' 2)")
+                                                      "mixture (default: the configs' 6)")
     p.add_argument("--epochs", type=int, help="the same pretraining epochs for every method instead of the epochs that "
                                               "fit --hours at each one's measured step time (--hours still caps it)")
     p.add_argument("--shots", type=int, nargs="+", default=[10, 40])
@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", nargs="*", default=[], choices=["finetune", "segment", "compare", "retrieval"],
                    help="evaluations to leave out (a reduced study)")
     p.add_argument("--table-only", action="store_true", help="only rebuild the table from the outputs already there")
+    p.add_argument("--pretrain-only", action="store_true",
+                   help="pretrain the methods and stop (no evaluation reads the MSTAR test part: recipe search)")
     args = p.parse_args(argv)
     if (args.mstar_train is None) != (args.mstar_test is None):
         p.error("give both --mstar-train and --mstar-test, or neither")
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         write_table(out, args, args.methods, command)
         return 0
     checkpoints = {name: study.pretrain(name) for name in args.methods}
+    if args.pretrain_only:
+        return 0
     encoders = {n: ["--random", RANDOM[n]] for n in random_encoders(args.methods)} | \
                {n: ["--checkpoint", str(c)] for n, c in checkpoints.items()}
     for name, encoder in encoders.items():  # cheap evaluations of every encoder first, fine-tuning last

@@ -2,7 +2,9 @@
 # The evidence recipe search (docs/evidence.md), on VALIDATION data only: each candidate pretrains
 # (knobs changed from configs/pretrain/evidence_mae.yaml), then a 40-shot linear probe (3 seeds) scores
 # it on a re-split of the MSTAR TRAIN part (links in $OUT/mstar_pool); the test part of the split is
-# never read. 3-14 minutes per candidate on one core, plus one fine-tuning check (about 14 minutes).
+# never read. 3-14 minutes per candidate on one core, plus one fine-tuning check (about 14 minutes);
+# then the MSTAR weight at the study's budget (HOURS, default 0.5, per candidate), scored by 40-shot
+# fine-tuning (3 seeds, about 45 minutes each) on the same re-split against the small CNN from scratch.
 # Run from anywhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +43,18 @@ probe random --random $C
 candidate sar_pix 10 'data.kinds=[sar]' data.sources.1.weight=1.0 method.norm_pix_loss=true
 candidate sar_nopix 10 'data.kinds=[sar]' data.sources.1.weight=1.0
 candidate sar_nopix_e40 40 'data.kinds=[sar]' data.sources.1.weight=1.0
-candidate mix_w2_nopix 12
-# the fine-tuning check of the best candidate, on the same re-split
-[ -f "$OUT/val_ft40_sar_nopix_e40.json" ] || $CODEMAE finetune --checkpoint "$OUT/sar_nopix_e40/checkpoints/last.pt" \
-  --data "$OUT/mstar_pool" --modality sar --shots 40 --seeds 1 --epochs 60 --out "$OUT/val_ft40_sar_nopix_e40.json"
+candidate mix_w2_nopix 12 data.sources.1.weight=2.0
+finetune() {  # name, seeds, encoder...: 40-shot fine-tuning (sar-target protocol) on the same re-split
+  local name=$1 seeds=$2; shift 2
+  [ -f "$OUT/val_ft40_$name.json" ] || $CODEMAE finetune "$@" --data "$OUT/mstar_pool" --modality sar --shots 40 \
+    --seeds "$seeds" --epochs 60 --out "$OUT/val_ft40_$name.json"
+}
+finetune sar_nopix_e40 1 --checkpoint "$OUT/sar_nopix_e40/checkpoints/last.pt"  # the best candidate's check
+budget() {  # name, MSTAR weight: joint MAE pretrained as the study does (its timing run, --hours), then fine-tuned
+  .venv/bin/python benchmarks/evidence.py --hours "${HOURS:-0.5}" --methods mae --mstar-weight "$2" \
+    --out "$OUT/$1" --pretrain-only
+  finetune "$1" 3 --checkpoint "$OUT/$1/pretrain/mae/checkpoints/last.pt"
+}
+finetune cnn 3 --cnn 64
+budget budget_w2 2
+budget budget_w6 6

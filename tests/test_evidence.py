@@ -206,6 +206,15 @@ def test_mstar_weight_reaches_every_pretraining_and_must_be_positive(evidence, t
         evidence.parse_args(["--mstar-weight", "0"])
 
 
+def test_pretrain_only_evaluates_nothing(evidence, tmp_path, monkeypatch):
+    steps = []
+    monkeypatch.setattr(evidence.Study, "run", lambda self, step, argv, done: steps.append(step))
+    assert evidence.main(["--out", str(tmp_path), "--methods", "mae", "rigid", "--epochs", "2", "--pretrain-only",
+                          "--mstar-train", "given/train", "--mstar-test", "given/test"]) == 0
+    assert steps == ["pretrain_mae", "pretrain_rigid"]
+    assert not (tmp_path / "evidence.md").exists()
+
+
 def test_the_patch_mean_reference_line_is_for_norm_pix_runs_only(evidence, tmp_path):
     import evidence_table
 
