@@ -51,7 +51,7 @@ finetune() {  # name, seeds, encoder...: 40-shot fine-tuning (sar-target protoco
 }
 finetune sar_nopix_e40 1 --checkpoint "$OUT/sar_nopix_e40/checkpoints/last.pt"  # the best candidate's check
 budget() {  # name, MSTAR weight: joint MAE pretrained as the study does (its timing run, --hours), then fine-tuned
-  .venv/bin/python benchmarks/evidence.py --hours "${HOURS:-0.5}" --methods mae --mstar-weight "$2" \
+  .venv/bin/python benchmarks/evidence.py --hours "${HOURS:-0.5}" --data-root "$DATA" --methods mae --mstar-weight "$2" \
     --out "$OUT/$1" --pretrain-only
   finetune "$1" 3 --checkpoint "$OUT/$1/pretrain/mae/checkpoints/last.pt"
 }

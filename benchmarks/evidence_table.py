@@ -8,7 +8,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from evidence import METHODS, REPO, random_encoders
+from evidence import CONFIGS, METHODS, MSTAR_SOURCE, REPO, random_encoders
 
 LABELS = {**{k: v[1] for k, v in METHODS.items()}, "random": "random init (HiViT, the MAE-family encoder)",
           "random_vit": "random init (ViT, Fus-MAE's encoder)", "cnn": "small CNN from scratch"}
@@ -108,6 +108,15 @@ def norm_pix(run: Path) -> bool:
     return load_config(config if config.is_file() else None).method.norm_pix_loss
 
 
+def mstar_weight(args) -> float:
+    """The sampling weight of MSTAR's chips in the pretraining mixture: ``--mstar-weight`` or the configs'."""
+    from codemae.config import load_config
+
+    if args.mstar_weight is not None:
+        return args.mstar_weight
+    return load_config(REPO / CONFIGS / METHODS["mae"][0]).data.sources[MSTAR_SOURCE].weight
+
+
 def plot_recon_curves(runs: dict[str, Path], out: Path, smooth: int = 10) -> None:
     """The reconstruction loss of each run (``metrics.csv``, running mean over ``smooth`` logged rows)
     against its step, in one figure; with per-patch normalised targets, the loss of predicting each
@@ -147,6 +156,7 @@ def write_table(out: Path, args, methods: list[str], command: list[str]) -> None
               "", f"- commit {commit()}", f"- command: `{shlex.join(map(str, command))}`",
               f"- measured wall time of the steps this table was built from: {total / 60:.1f} min "
               f"(per step in times.json)", f"- {split}",
+              f"- MSTAR weight in the pretraining mixture: {mstar_weight(args):g} (Fus-MAE takes the S1/S2 pairs only)",
               f"- probe: honest protocol, {args.probe_seeds} seeds; fine-tuning: sar-target, {args.ft_seeds} seeds"
               + (f", {args.ft_epochs} epochs" if args.ft_epochs else ", 60 epochs"),
               "- OKD: no teacher (none within the budget), so CoDe-MAE runs CCL + CDR",

@@ -178,6 +178,10 @@ def test_table_shows_mean_and_std_of_each_output_and_dashes_for_missing(evidence
     assert "| joint MAE | 61.2 +- 1.5 | - | - | - |" in text
     assert "| joint MAE | 50.00 | 100.00 | 1.50 | 50.00 | 100.00 | 1.50 |" in text and "chance R@1 25.00" in text
     assert json.loads((tmp_path / "evidence.json").read_text())["rows"][0]["probe 40-shot"]["mean"] == 61.25
+    assert "- MSTAR weight in the pretraining mixture: 6 " in text
+    weighted = evidence.parse_args(["--shots", "40", "--methods", "mae", "--mstar-weight", "2.5"])
+    evidence_table.write_table(tmp_path, weighted, ["mae"], ["evidence.py"])
+    assert "- MSTAR weight in the pretraining mixture: 2.5 " in (tmp_path / "evidence.md").read_text()
 
 
 def test_equal_epochs_skip_the_timing_run_and_the_budget_still_caps(evidence, tmp_path, monkeypatch):
