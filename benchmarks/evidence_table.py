@@ -108,10 +108,15 @@ def norm_pix(run: Path) -> bool:
     return load_config(config if config.is_file() else None).method.norm_pix_loss
 
 
-def mstar_weight(args) -> float:
-    """The sampling weight of MSTAR's chips in the pretraining mixture: ``--mstar-weight`` or the configs'."""
+def mstar_weight(out: Path, methods: list[str], args) -> float:
+    """The sampling weight of MSTAR's chips in the pretraining mixture, as the study's first MSTAR-using
+    run was configured (``config.yaml``); before any run, ``--mstar-weight`` or the configs'."""
     from codemae.config import load_config
 
+    for method in methods:
+        config = out / "pretrain" / method / "config.yaml"
+        if method != "fusmae" and config.is_file():
+            return load_config(config).data.sources[MSTAR_SOURCE].weight
     if args.mstar_weight is not None:
         return args.mstar_weight
     return load_config(REPO / CONFIGS / METHODS["mae"][0]).data.sources[MSTAR_SOURCE].weight
@@ -156,7 +161,8 @@ def write_table(out: Path, args, methods: list[str], command: list[str]) -> None
               "", f"- commit {commit()}", f"- command: `{shlex.join(map(str, command))}`",
               f"- measured wall time of the steps this table was built from: {total / 60:.1f} min "
               f"(per step in times.json)", f"- {split}",
-              f"- MSTAR weight in the pretraining mixture: {mstar_weight(args):g} (Fus-MAE takes the S1/S2 pairs only)",
+              f"- MSTAR weight in the pretraining mixture: {mstar_weight(out, methods, args):g} "
+              "(Fus-MAE takes the S1/S2 pairs only)",
               f"- probe: honest protocol, {args.probe_seeds} seeds; fine-tuning: sar-target, {args.ft_seeds} seeds"
               + (f", {args.ft_epochs} epochs" if args.ft_epochs else ", 60 epochs"),
               "- OKD: no teacher (none within the budget), so CoDe-MAE runs CCL + CDR",
