@@ -125,6 +125,14 @@ class Study:
         return ["--data", str(self.data / "mstar" / "train_17deg"),
                 *(a for part in ("train", "val", "test") for a in (f"--{part}", str(lists[part])))]
 
+    def mstar_images_args(self) -> list[str]:
+        """``--images`` of the comparison: MSTAR chips none of the evaluations train on (the fixed split's val
+        part, or a given --mstar-test set), whose SAR reconstructions are measured beside the S1/S2 pairs'."""
+        if self.args.mstar_train:
+            return ["--images", self.args.mstar_test]
+        lists = write_mstar_split(self.data / "mstar" / "train_17deg", self.out / "mstar_split")
+        return ["--images", str(self.data / "mstar" / "train_17deg"), "--images-list", str(lists["val"])]
+
     def mstar_pretrain_overrides(self) -> list[str]:
         key = f"data.sources.{MSTAR_SOURCE}"
         weight = [] if self.args.mstar_weight is None else [f"{key}.weight={self.args.mstar_weight}"]
@@ -243,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         study.evaluate(name, encoder)
     if "compare" not in args.skip:
         study.run("compare", ["compare", *map(str, checkpoints.values()), "--pairs", str(study.data / "s1s2_pairs"),
-                              "--split", "val", "--out", str(out / "compare")], out / "compare" / "report.json")
+                              "--split", "val", *study.mstar_images_args(), "--out", str(out / "compare")],
+                  out / "compare" / "report.json")
     for name, encoder in {"cnn": ["--cnn", "64"], **encoders}.items():
         study.finetune(name, encoder)
     write_table(out, args, list(checkpoints), command)

@@ -62,6 +62,13 @@ def analysis_rows(out: Path) -> dict[str, dict]:
     return {} if report is None else {r["checkpoint"]: r for r in report["checkpoints"]}
 
 
+def analysis_table(analysis: dict, keys: list[str]) -> list[str]:
+    """Markdown rows of the comparison report's ``keys`` per checkpoint; '-' where one has none."""
+    return ["| checkpoint | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|",
+            *("| " + name + " | " + " | ".join(f"{a[k]:.3f}" if k in a else "-" for k in keys) + " |"
+              for name, a in analysis.items())]
+
+
 def markdown(rows: list[dict], shots: list[int], ft_shots: list[int], header: list[str], analysis: dict) -> str:
     cols = [f"probe {k}-shot" for k in shots] + [f"fine-tune {k}-shot" for k in ft_shots] + \
            ["flood mIoU", "synthetic mIoU"]
@@ -80,13 +87,17 @@ def markdown(rows: list[dict], shots: list[int], ft_shots: list[int], header: li
                   for r in retrieval]
     if analysis:
         keys = ["effective rank (optical)", "effective rank (SAR)", "effective rank (joint)",
-                "mean patch alignment (cosine)", "alignment vs SSIM slope",
-                "recon error / flattened-recon error (optical)", "recon error / flattened-recon error (SAR)"]
-        lines += ["", "Analysis (`codemae compare`, S1/S2 val pairs; recon error / flattened-recon error below 1: the "
-                  "structure predicted inside masked patches brings them closer to the image than flat patches):", "",
-                  "| checkpoint | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        lines += ["| " + name + " | " + " | ".join(f"{a[k]:.3f}" if k in a else "-" for k in keys) + " |"
-                  for name, a in analysis.items()]
+                "mean patch alignment (cosine)", "alignment vs SSIM slope"]
+        lines += ["", "Analysis (`codemae compare`, S1/S2 val pairs):", ""] + analysis_table(analysis, keys)
+        ratio, reference = "recon error / flattened-recon error (", "smooth-field reference ("
+        sets = list(dict.fromkeys(k[len(ratio):-1] for a in analysis.values() for k in a if k.startswith(ratio)))
+        if sets:
+            lines += ["", "Reconstructions (`codemae compare`): squared error over the masked patches divided by that "
+                      "of the same reconstructions flattened to their patch means (below 1: the structure predicted "
+                      "inside masked patches is real), and the same ratio for a smooth field through each image's "
+                      "true patch means (reference). S1/S2: the val pairs; MSTAR: SAR chips no evaluation trains "
+                      "on (the val part of the fixed split, or the given --mstar-test set):",
+                      ""] + analysis_table(analysis, [f"{kind}{s})" for s in sets for kind in (ratio, reference)])
     pre = [r for r in rows if "pretraining" in r]
     if pre:
         lines += ["", "Pretraining (steps done / scheduled, wall s, final logged losses):", "",

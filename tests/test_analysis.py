@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from codemae.analysis.collect import RECONSTRUCTED, reconstructions
+from codemae.analysis.collect import RECONSTRUCTED, reconstructed
 from codemae.analysis.measures import (bin_by, effective_rank, patch_ssim, project_2d, reconstruction_errors,
-                                       singular_spectrum)
+                                       singular_spectrum, smooth_field_errors)
 from codemae.analysis.report import SECTIONS
 from codemae.cli import main
 from codemae.methods import build_method
@@ -70,18 +70,45 @@ def test_reconstruction_errors_against_the_flattened_reconstruction_by_hand():
 
 def test_report_gives_each_modalitys_reconstruction_error_ratio(report):
     rows = json.loads((report / "report.json").read_text())["checkpoints"]
-    for modality in ("optical", "SAR"):
+    for modality in ("optical", "SAR", "SAR, chips/picked"):
         ratio = rows[0][f"recon error / flattened-recon error ({modality})"]
         assert 0.5 < ratio < 5.0  # norm-pix, 2 steps: predictions near each patch's mean, mapped back
+        assert 0.0 < rows[0][f"smooth-field reference ({modality})"] < 2.0  # above 1 on noise chips
+    assert "Reconstructions also of 3 unpaired images of chips/picked" in (report / "index.html").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--images-list", "picked.txt"], "--images-list names images of --images"),
+    (["--images", "chips", "--images-list", "wrong.txt"], "wrong.txt"),
+])
+def test_unpaired_images_bad_input_is_one_line_exit_2(report, extra, message, capsys, monkeypatch):
+    monkeypatch.chdir(report.parent)
+    code = main(["analyze", "--checkpoint", str(report.parent / "run" / "checkpoints" / "last.pt"), "--pairs",
+                 "synthetic", "--pairs-n", "4", "--out", "again", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_method_without_pixel_decoder_has_no_reconstruction_or_ratio(tmp_path):
     vit = {"backbone": "vit_tiny", "embed_dim": 32, "num_heads": 2, "depth": 2}
     inputs = {"opt": torch.randn(6, 3, 32, 32), "sar": torch.randn(6, 1, 32, 32)}  # two batches of 4
     fusmae = build_method(tiny_config(tmp_path, model=vit, method={"name": "fusmae"})).eval()
-    assert reconstructions(fusmae, inputs, 4) == ({}, {})
-    shown, ratios = reconstructions(build_method(tiny_config(tmp_path)).eval(), inputs, 4)
-    assert set(ratios) == {"opt", "sar"} and shown["sar_recon"].shape == (RECONSTRUCTED, 1, 32, 32)
+    nothing = reconstructed(fusmae, inputs, 4)
+    assert (nothing.shown, nothing.error_ratio, nothing.reference_ratio, nothing.count) == ({}, {}, {}, 6)
+    mae = reconstructed(build_method(tiny_config(tmp_path)).eval(), inputs, 4)
+    assert set(mae.error_ratio) == set(mae.reference_ratio) == {"opt", "sar"}
+    assert mae.shown["sar_recon"].shape == mae.inputs["sar"].shape == (RECONSTRUCTED, 1, 32, 32)
+    sar_only = reconstructed(build_method(tiny_config(tmp_path)).eval(), {"sar": inputs["sar"]}, 4)
+    assert set(sar_only.error_ratio) == {"sar"} and "opt_recon" not in sar_only.shown
+
+
+def test_smooth_field_reference_by_hand():
+    ramp = torch.arange(4.0).repeat(2, 1).reshape(1, 1, 2, 4).repeat(1, 2, 1, 1)  # two 2x2 patches, 2 channels
+    # patch means 0.5 and 2.5; bilinear between the centres, re-centred: 0.25, 0.75 | 2.25, 2.75 in each row
+    assert smooth_field_errors(ramp, 2) == (2 * 8 * 0.25**2, 2 * 8 * 0.5**2)
+    steps = torch.tensor([[0.0, 0.0, 2.0, 2.0]] * 2).reshape(1, 1, 2, 4)  # flat patches: the field adds a slope
+    smooth, flat = smooth_field_errors(steps, 2)
+    assert flat == 0.0 and smooth == pytest.approx(8 * 0.25**2)
 
 
 def test_projection_falls_back_to_pca_without_umap():
@@ -96,9 +123,16 @@ def report(tmp_path_factory) -> Path:
     cfg = tiny_config(tmp / "run", method={"name": "codemae", "cdr": True, "ccl": "cross_attention"},
                       train={"max_steps": 2})
     pretrain(cfg)
+    rng = np.random.default_rng(0)
+    for k in range(5):  # unpaired SAR chips, three of them picked by a split list
+        (tmp / "chips" / "tank").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(tmp / "chips" / "tank" / f"{k}.png")
+    (tmp / "picked.txt").write_text("tank/0\ntank/2\ntank/4\n")
+    (tmp / "wrong.txt").write_text("tank/9\n")
     out = tmp / "report"
     assert main(["analyze", "--checkpoint", str(tmp / "run" / "checkpoints" / "last.pt"), "--pairs", "synthetic",
-                 "--pairs-n", "24", "--out", str(out)]) == 0
+                 "--pairs-n", "24", "--images", str(tmp / "chips"), "--images-list", str(tmp / "picked.txt"),
+                 "--out", str(out)]) == 0
     return out
 
 
@@ -107,7 +141,8 @@ def test_report_has_every_section_and_real_pictures(report):
     for section in SECTIONS:
         assert f"<h2>{section}</h2>" in page
     images = re.findall(r'<img src="([^"]+)"', page)
-    assert {"spectrum.png", "alignment.png", "embeddings_0.png", "reconstructions_0.png"} <= set(images)
+    assert {"spectrum.png", "alignment.png", "embeddings_0.png", "reconstructions_0.png",
+            "reconstructions_0_images.png"} <= set(images)
     for name in images:
         pixels = np.asarray(Image.open(report / name).convert("L"), dtype=np.float32)
         assert pixels.std() > 5, f"{name} looks blank"

@@ -242,3 +242,20 @@ def test_study_segments_the_flood_chip_and_synthetic_scenes_at_the_cpu_recipe(ev
         assert argv[:3] == ["segment", "--checkpoint", "c.pt"] and done == tmp_path / "eval" / f"{step}.json"
         assert " ".join(evidence.SEGMENT_RECIPE) in " ".join(argv) and argv[-1] == str(done)
     assert "--scene" in calls["flood_mae"][0] and "--scene" not in calls["synthseg_mae"][0]
+
+
+def test_comparison_reconstructs_mstar_chips_no_evaluation_trains_on(evidence, tmp_path, monkeypatch):
+    calls = {}
+    monkeypatch.setattr(evidence.Study, "run", lambda self, step, argv, done: calls.update({step: argv}))
+    monkeypatch.setattr(evidence, "write_mstar_split",
+                        lambda root, out: {part: out / f"{part}.txt" for part in ("train", "val", "test", "csv")})
+    assert evidence.main(["--out", str(tmp_path), "--methods", "mae", "--epochs", "2", "--skip", "finetune",
+                          "segment", "retrieval"]) == 0
+    compare = calls["compare"]
+    assert compare[compare.index("--images-list") + 1] == str(tmp_path / "mstar_split" / "val.txt")
+    assert compare[compare.index("--images") + 1].endswith("mstar/train_17deg")
+    calls.clear()
+    assert evidence.main(["--out", str(tmp_path), "--methods", "mae", "--epochs", "2", "--skip", "finetune",
+                          "segment", "retrieval", "--mstar-train", "given/train", "--mstar-test", "given/test"]) == 0
+    compare = calls["compare"]
+    assert compare[compare.index("--images") + 1] == "given/test" and "--images-list" not in compare

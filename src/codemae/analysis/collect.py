@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from codemae.analysis.measures import patch_alignment, patch_ssim, reconstruction_errors
+from codemae.analysis.measures import patch_alignment, patch_ssim, reconstruction_errors, smooth_field_errors
 from codemae.data.sources import Source
 from codemae.data.stats import compute_stats
 from codemae.eval.device import inference_autocast, module_device
@@ -20,42 +20,64 @@ RECONSTRUCTED = 4  # pairs shown in the reconstruction figure
 
 
 @dataclass
+class Reconstructed:
+    """A method's reconstructions of one image set: the first :data:`RECONSTRUCTED` inputs and their
+    reconstructions (``<m>_recon``, ``<m>_mask``, ``cdr_recon``), and per modality the masked-patch squared
+    error over all images divided by that of the same reconstructions flattened to their patch means
+    (:func:`~codemae.analysis.measures.reconstruction_errors`), beside the smooth-field yardstick on the same
+    images (:func:`~codemae.analysis.measures.smooth_field_errors`). All empty for a method without pixel
+    decoder."""
+
+    inputs: dict[str, Tensor]
+    shown: dict[str, Tensor]
+    error_ratio: dict[str, float]
+    reference_ratio: dict[str, float]
+    count: int  # images measured
+
+
+@dataclass
 class Collected:
-    """Per pair: pooled embeddings (N, D), patch alignment and patch SSIM (N, P); the model
-    inputs and the method's reconstructions of the first pairs, and per modality the masked-patch
-    squared error of its reconstructions over all pairs divided by that of the same reconstructions
-    flattened to their patch means (both empty if it has no pixel decoder)."""
+    """Per pair: pooled embeddings (N, D), patch alignment and patch SSIM (N, P); the reconstructions of the
+    pairs, and of a set of unpaired images when one was given (``images_name`` says which)."""
 
     opt: Tensor
     sar: Tensor
     alignment: Tensor
     ssim: Tensor
-    inputs: dict[str, Tensor]
-    reconstructions: dict[str, Tensor]
-    recon_error_ratio: dict[str, float]
+    recon: Reconstructed
+    images: Reconstructed | None = None
+    images_name: str = ""
 
 
 def unit_images(source: Source, count: int, size: int) -> dict[str, Tensor]:
-    """The first ``count`` pairs as [0, 1] tensors resized to the model's input size."""
+    """The first ``count`` samples of each of the source's modalities as [0, 1] tensors resized to the
+    model's input size."""
     arrays = [source.load(i) for i in range(min(count, len(source)))]
     return {
         m: F.interpolate(torch.from_numpy(np.nan_to_num(np.stack([a[m] for a in arrays]), nan=0.0))  # nodata: 0
                          .permute(0, 3, 1, 2), size=(size, size),
                          mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        for m in ("opt", "sar")
+        for m in source.modalities
     }
 
 
+def model_inputs(source: Source, count: int, size: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The [0, 1] images (:func:`unit_images`) and the same normalised with the source's own statistics."""
+    units = unit_images(source, count, size)
+    stats = compute_stats(source, 256, np.arange(min(count, len(source))))
+    return units, {m: stats[m](x) for m, x in units.items()}
+
+
 @torch.no_grad()
-def collect(method: PretrainMethod, source: Source, count: int = 200, batch: int = 50, seed: int = 0) -> Collected:
+def collect(method: PretrainMethod, source: Source, count: int = 200, batch: int = 50, seed: int = 0,
+            images: Source | None = None, images_name: str = "") -> Collected:
     """Encode each modality of each pair on its own (no masking), where the method is (bf16 autocast on
-    CUDA); SSIM on the [0, 1] inputs (grayscale optical vs SAR channel mean), in the model's patches."""
+    CUDA); SSIM on the [0, 1] inputs (grayscale optical vs SAR channel mean), in the model's patches; the
+    reconstructions of the pairs and of up to ``count`` unpaired ``images`` (one modality, e.g. SAR chips)."""
     method.eval()
     device = module_device(method)
     encoder = method.encoder
-    units = unit_images(source, count, encoder.img_size)
-    stats = compute_stats(source, 256, np.arange(min(count, len(source))))
-    inputs = {m: stats[m](x) for m, x in units.items()}
+    units, inputs = model_inputs(source, count, encoder.img_size)
     pooled: dict[str, list[Tensor]] = {"opt": [], "sar": []}
     aligned = []
     for start in range(0, len(inputs["opt"]), batch):
@@ -67,24 +89,29 @@ def collect(method: PretrainMethod, source: Source, count: int = 200, batch: int
         aligned.append(patch_alignment(tokens["opt"], tokens["sar"]))
     ssim = patch_ssim(grayscale(units["opt"]), units["sar"].mean(1, keepdim=True), encoder.patch_size)
     torch.manual_seed(seed)
-    recon, ratios = ({}, {}) if method.encoder_only else reconstructions(method, inputs, batch)
-    return Collected(torch.cat(pooled["opt"]), torch.cat(pooled["sar"]), torch.cat(aligned), ssim,
-                     {m: x[:RECONSTRUCTED] for m, x in inputs.items()}, recon, ratios)
+    recon = reconstructed(method, inputs, batch)
+    unpaired = reconstructed(method, model_inputs(images, count, encoder.img_size)[1], batch) if images else None
+    return Collected(torch.cat(pooled["opt"]), torch.cat(pooled["sar"]), torch.cat(aligned), ssim, recon,
+                     unpaired, images_name or (images.name if images else ""))
 
 
-def reconstructions(method: PretrainMethod, inputs: dict[str, Tensor], batch: int) -> tuple[dict[str, Tensor],
-                                                                                         dict[str, float]]:
-    """The method's reconstructions of the first :data:`RECONSTRUCTED` pairs, and per modality the
-    masked-patch squared error over all pairs relative to the flattened reconstructions'
-    (:func:`~codemae.analysis.measures.reconstruction_errors`)."""
+def reconstructed(method: PretrainMethod, inputs: dict[str, Tensor], batch: int) -> Reconstructed:
+    """The method's reconstructions of ``inputs`` (normalised images of one or both modalities), shown and
+    measured (:class:`Reconstructed`)."""
+    count = len(next(iter(inputs.values())))
+    if method.encoder_only:
+        return Reconstructed({}, {}, {}, {}, count)
     device, patch = module_device(method), method.encoder.patch_size
     sums: dict[str, list[float]] = {}
     shown: dict[str, Tensor] = {}
-    for start in range(0, len(inputs["opt"]), batch):
+    for start in range(0, count, batch):
         part = {m: x[start : start + batch] for m, x in inputs.items()}
         out = {k: v.float().cpu() for k, v in method.reconstruct({m: x.to(device) for m, x in part.items()}).items()}
         shown = shown or {k: v[:RECONSTRUCTED] for k, v in out.items()}
         for m in (m for m in part if f"{m}_recon" in out):  # none for a method that reconstructs nothing (Fus-MAE)
             errors = reconstruction_errors(out[f"{m}_recon"], part[m], out[f"{m}_mask"], patch)
             sums[m] = [total + e for total, e in zip(sums.get(m, [0.0, 0.0]), errors)]
-    return shown, {m: model / max(means, 1e-12) for m, (model, means) in sums.items()}
+    ratio = lambda errors: errors[0] / max(errors[1], 1e-12)  # noqa: E731
+    return Reconstructed({m: x[:RECONSTRUCTED] for m, x in inputs.items()} if shown else {}, shown,
+                         {m: ratio(e) for m, e in sums.items()},
+                         {m: ratio(smooth_field_errors(inputs[m], patch)) for m in sums}, count)

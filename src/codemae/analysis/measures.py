@@ -59,6 +59,21 @@ def reconstruction_errors(recon: Tensor, target: Tensor, mask: Tensor, patch: in
     return float(model), float(flat)
 
 
+def smooth_field_errors(target: Tensor, patch: int) -> tuple[float, float]:
+    """A yardstick for :func:`reconstruction_errors`' ratio: the squared error over all patches of a
+    smooth field through the target's own patch means (bilinear between the patch centres, each patch
+    shifted back to its exact mean) and of the flat patch means themselves, means over each patch's
+    pixels and channels. Their ratio is the within-patch error an oracle that knew every patch's mean
+    and nothing else would remove by interpolating; images (B, C, H, W)."""
+    level = target.float().mean(1, keepdim=True)
+    means = F.avg_pool2d(level, patch)
+    flat = F.interpolate(means, scale_factor=patch, mode="nearest")
+    field = F.interpolate(means, scale_factor=patch, mode="bilinear", align_corners=False)
+    smooth = field - F.interpolate(F.avg_pool2d(field, patch), scale_factor=patch, mode="nearest") + flat
+    t = target.float()
+    return float(((smooth - t) ** 2).sum()), float(((flat - t) ** 2).sum())
+
+
 def patch_alignment(opt_tokens: Tensor, sar_tokens: Tensor) -> Tensor:
     """Cosine similarity of the optical and SAR patch embeddings at each location: (B, N)."""
     return F.cosine_similarity(opt_tokens, sar_tokens, dim=-1)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from codemae.analysis.collect import Collected
+from codemae.analysis.collect import Collected, Reconstructed
 from codemae.analysis.measures import Binned, bin_by, effective_rank, project_2d, singular_spectrum
 
 MODALITY_NAMES = {"opt": "optical", "sar": "SAR"}
@@ -55,12 +55,15 @@ class Analysis:
                    {k: effective_rank(v, centre=True) for k, v in embeddings.items()}, bin_by(c.ssim, c.alignment, bins))
 
     def summary(self) -> dict[str, float]:
+        c = self.collected
+        sets = [("", c.recon)] + ([(f", {c.images_name}", c.images)] if c.images else [])
         return {**{f"effective rank ({k})": v for k, v in self.ranks.items()},
-                "mean patch alignment (cosine)": float(self.collected.alignment.mean()),
+                "mean patch alignment (cosine)": float(c.alignment.mean()),
                 "alignment vs SSIM slope": self.binned.slope,
-                **{f"recon error / flattened-recon error ({MODALITY_NAMES[m]})": v
-                   for m, v in self.collected.recon_error_ratio.items()},
-                "pairs": len(self.collected.opt)}
+                **{f"{what} ({MODALITY_NAMES[m]}{where})": v for where, r in sets
+                   for what, ratios in (("recon error / flattened-recon error", r.error_ratio),
+                                        ("smooth-field reference", r.reference_ratio)) for m, v in ratios.items()},
+                "pairs": len(c.opt)}
 
 
 def plot_spectra(analyses: list[Analysis], out: Path, keys: tuple[str, ...]) -> None:
@@ -127,22 +130,20 @@ def _masked(x: Tensor, mask: Tensor, patch: int) -> Tensor:
     return x * keep + x.min() * (1 - keep)
 
 
-def plot_reconstructions(a: Analysis, out: Path, patch: int) -> bool:
-    """Rows of pairs: inputs, masked inputs, self-reconstructions, and CDR from SAR if present."""
-    c = a.collected
-    if not c.reconstructions:
+def plot_reconstructions(r: Reconstructed, out: Path, patch: int) -> bool:
+    """Rows of images: per modality the input, masked input and self-reconstruction, and CDR from SAR if
+    present; False (nothing drawn) for a method without pixel decoder."""
+    if not r.shown:
         return False
     plt = _plt()
-    r = c.reconstructions
-    columns = [("optical", lambda i: c.inputs["opt"][i]),
-               ("optical masked", lambda i: _masked(c.inputs["opt"][i], r["opt_mask"][i], patch)),
-               ("optical reconstructed", lambda i: r["opt_recon"][i]),
-               ("SAR", lambda i: c.inputs["sar"][i]),
-               ("SAR masked", lambda i: _masked(c.inputs["sar"][i], r["sar_mask"][i], patch)),
-               ("SAR reconstructed", lambda i: r["sar_recon"][i])]
-    if "cdr_recon" in r:
-        columns.append(("CDR: optical target from SAR", lambda i: r["cdr_recon"][i]))
-    rows = len(r["opt_recon"])
+    s = r.shown
+    columns = [column for m in ("opt", "sar") if f"{m}_recon" in s for column in (
+        (MODALITY_NAMES[m], lambda i, m=m: r.inputs[m][i]),
+        (f"{MODALITY_NAMES[m]} masked", lambda i, m=m: _masked(r.inputs[m][i], s[f"{m}_mask"][i], patch)),
+        (f"{MODALITY_NAMES[m]} reconstructed", lambda i, m=m: s[f"{m}_recon"][i]))]
+    if "cdr_recon" in s:
+        columns.append(("CDR: optical target from SAR", lambda i: s["cdr_recon"][i]))
+    rows = len(next(iter(r.inputs.values())))
     fig, axes = plt.subplots(rows, len(columns), figsize=(1.9 * len(columns), 1.9 * rows), squeeze=False)
     for i in range(rows):
         for j, (title, image) in enumerate(columns):
@@ -192,6 +193,14 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def unpaired_note(c: Collected) -> str:
+    """The summary's sentence on the unpaired images reconstructed too, if any."""
+    if c.images is None:
+        return ""
+    return (f" Reconstructions also of {c.images.count} unpaired images of {html.escape(c.images_name)}, "
+            "normalised with their own statistics (the columns named after them).")
+
+
 def write_report(analyses: list[Analysis], out: Path, source_name: str, patch: int) -> Path:
     """PNGs, ``report.json`` and ``index.html`` in ``out``; returns the HTML path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -204,16 +213,20 @@ def write_report(analyses: list[Analysis], out: Path, source_name: str, patch: i
         how = plot_projection(a, out / f"embeddings_{k}.png")
         projections.append(f"<h3>{html.escape(a.name)}</h3><p>{html.escape(how)}.</p>"
                            f'<img src="embeddings_{k}.png" alt="paired embeddings of {html.escape(a.name)}">')
-        if plot_reconstructions(a, out / f"reconstructions_{k}.png", patch):
-            recon.append(f'<h3>{html.escape(a.name)}</h3><img src="reconstructions_{k}.png" '
-                         f'alt="reconstructions of {html.escape(a.name)}">')
-        else:
-            recon.append(f"<h3>{html.escape(a.name)}</h3><p>This method has no pixel decoder to show.</p>")
+        recon.append(f"<h3>{html.escape(a.name)}</h3>")
+        sets = [("pairs", "", a.collected.recon)]
+        if a.collected.images:
+            sets.append((a.collected.images_name, "_images", a.collected.images))
+        for what, suffix, r in sets:
+            png = f"reconstructions_{k}{suffix}.png"
+            recon.append(f'<img src="{png}" alt="reconstructions of {html.escape(a.name)}, {html.escape(what)}">'
+                         if plot_reconstructions(r, out / png, patch) else
+                         f"<p>No reconstructions of the {html.escape(what)}: this method has no pixel decoder.</p>")
     columns = list(dict.fromkeys(c for r in rows for c in r))  # an export has no reconstruction columns
     body = [
         _section(SECTIONS[0], f"<p>{len(analyses[0].collected.opt)} pairs of {html.escape(source_name)}; each "
-                 "modality encoded on its own, tokens mean-pooled. <a href=\"report.json\">report.json</a> holds "
-                 "every number.</p>" + _table(rows, columns)),
+                 "modality encoded on its own, tokens mean-pooled." + unpaired_note(analyses[0].collected)
+                 + " <a href=\"report.json\">report.json</a> holds every number.</p>" + _table(rows, columns)),
         _section(SECTIONS[1], "<p>Singular values of the centred embedding matrix, divided by the largest; the "
                  "effective rank is exp of the entropy of the normalised singular values. A fast decay means "
                  "dimensional collapse.</p><img src=\"spectrum.png\" alt=\"singular value spectrum\">"),
@@ -226,7 +239,10 @@ def write_report(analyses: list[Analysis], out: Path, source_name: str, patch: i
                  "variance, as MAE visualises them. <i>recon error / flattened-recon error</i> in the table: the "
                  "squared error over every masked patch of all pairs, divided by that of the same reconstruction "
                  "flattened to its own patch means; below 1 the structure predicted inside the masked patches is "
-                 "real (it brings the prediction closer to the image than flat patches at the same levels).</p>"
+                 "real (it brings the prediction closer to the image than flat patches at the same levels). "
+                 "<i>smooth-field reference</i>: the same ratio for a field interpolated through each image's true "
+                 "patch means (all patches), the structure that knowing every patch's level implies; a model's "
+                 "masked patches also carry its errors of level, so a ratio near the reference is good.</p>"
                  + "".join(recon)),
     ]
     nav = "".join(f'<a href="#{s.lower().replace(" ", "-")}">{s}</a>' for s in SECTIONS)

@@ -336,6 +336,32 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return finish(title, result, args)
 
 
+def unpaired_images(args: argparse.Namespace, channels: dict[str, int]):
+    """--images (one modality, any image tree), restricted to --images-list; None without --images."""
+    from codemae.config import SourceConfig
+    from codemae.data.sources import FolderSource
+    from codemae.eval.split_lists import read_split_list
+    from codemae.eval.splits import JoinedSource, list_indices
+
+    if args.images is None:
+        if args.images_list:
+            raise ConfigError("--images-list names images of --images: give --images too")
+        return None
+    source = FolderSource(SourceConfig(kind=args.images_modality, root=args.images), channels)
+    if not args.images_list:
+        return source
+    path = Path(args.images_list)
+    return JoinedSource([(source, list_indices(read_split_list(path), source.stems, path, args.images))])
+
+
+def images_label(root: str | None, names: str | None) -> str:
+    """How the report names the unpaired images: their folder, and the list's name if one picks them."""
+    if root is None:
+        return ""
+    label = Path(root).name
+    return f"{label}/{Path(names).stem}" if names else label
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from codemae.analysis.collect import collect
     from codemae.analysis.report import Analysis, write_report
@@ -349,9 +375,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for ckpt in checkpoints:
         method = method_to_evaluate(ckpt).to(device)
         source = paired_source(args.pairs, args.split, method.encoder.channels, args.pairs_n)
+        images = unpaired_images(args, method.encoder.channels)
         patch = method.encoder.patch_size
         name = Path(ckpt).parent.parent.name if Path(ckpt).parent.name == "checkpoints" else Path(ckpt).stem
-        analyses.append(Analysis.of(name, collect(method, source, args.pairs_n)))
+        analyses.append(Analysis.of(name, collect(method, source, args.pairs_n, images=images,
+                                                  images_name=images_label(args.images, args.images_list))))
     page = write_report(analyses, Path(args.out), f"{args.pairs} ({args.split or 'all'})", patch)
     print(f"report: {page}")
     return 0
@@ -797,7 +825,12 @@ def build_parser() -> argparse.ArgumentParser:
     def analysis_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--pairs", required=True, help="paired folder (opt/, sar/, optional tiles.csv), or 'synthetic'")
         p.add_argument("--split", help="only this split of the pairs' split CSV")
-        p.add_argument("--pairs-n", type=positive_int, default=200, help="at most this many pairs")
+        p.add_argument("--pairs-n", type=positive_int, default=200, help="at most this many pairs (and images)")
+        p.add_argument("--images", metavar="DIR", help="unpaired images of one modality (e.g. SAR target chips, "
+                                                         "any image tree) whose reconstructions are measured too")
+        p.add_argument("--images-modality", choices=["opt", "sar"], default="sar", help="the modality of --images")
+        p.add_argument("--images-list", metavar="LIST", help="only these images of --images: a split list "
+                                                               "(paths relative to --images, one a line)")
         p.add_argument("--out", required=True, help="folder for index.html, the PNGs and report.json")
         add_device_arg(p)
 
