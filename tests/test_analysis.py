@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from codemae.analysis.collect import RECONSTRUCTED, reconstructed
+from codemae.analysis.collect import RECONSTRUCTED, reconstructed, spread
 from codemae.analysis.measures import (bin_by, effective_rank, patch_ssim, project_2d, reconstruction_errors,
                                        singular_spectrum, smooth_field_errors)
 from codemae.analysis.report import SECTIONS
@@ -79,7 +79,7 @@ def test_report_gives_each_modalitys_reconstruction_error_ratio(report):
 
 @pytest.mark.parametrize("extra, message", [
     (["--images-list", "picked.txt"], "--images-list names images of --images"),
-    (["--images", "chips", "--images-list", "wrong.txt"], "wrong.txt"),
+    (["--images", "chips", "--images-list", "wrong.txt"], "wrong.txt: 'tank/9' is not in --images chips"),
 ])
 def test_unpaired_images_bad_input_is_one_line_exit_2(report, extra, message, capsys, monkeypatch):
     monkeypatch.chdir(report.parent)
@@ -106,9 +106,17 @@ def test_smooth_field_reference_by_hand():
     ramp = torch.arange(4.0).repeat(2, 1).reshape(1, 1, 2, 4).repeat(1, 2, 1, 1)  # two 2x2 patches, 2 channels
     # patch means 0.5 and 2.5; bilinear between the centres, re-centred: 0.25, 0.75 | 2.25, 2.75 in each row
     assert smooth_field_errors(ramp, 2) == (2 * 8 * 0.25**2, 2 * 8 * 0.5**2)
+    assert smooth_field_errors(ramp.transpose(2, 3), 2) == (2 * 8 * 0.25**2, 2 * 8 * 0.5**2)  # patches stacked
+    # the field runs through the channel mean: channels ramp + 1 and ramp - 1 add 1 per pixel and channel to both
+    apart = torch.cat([ramp[:, :1] + 1, ramp[:, :1] - 1], 1)
+    assert smooth_field_errors(apart, 2) == (2 * 8 * 0.25**2 + 16, 2 * 8 * 0.5**2 + 16)
     steps = torch.tensor([[0.0, 0.0, 2.0, 2.0]] * 2).reshape(1, 1, 2, 4)  # flat patches: the field adds a slope
     smooth, flat = smooth_field_errors(steps, 2)
     assert flat == 0.0 and smooth == pytest.approx(8 * 0.25**2)
+
+
+def test_unpaired_images_are_spread_over_a_sorted_list():
+    assert spread(10, 4).tolist() == [0, 3, 6, 9] and spread(3, 200).tolist() == [0, 1, 2]
 
 
 def test_projection_falls_back_to_pca_without_umap():
@@ -124,10 +132,11 @@ def report(tmp_path_factory) -> Path:
                       train={"max_steps": 2})
     pretrain(cfg)
     rng = np.random.default_rng(0)
-    for k in range(5):  # unpaired SAR chips, three of them picked by a split list
+    for k in range(5):  # unpaired SAR chips of two sizes, three of them picked by a split list
         (tmp / "chips" / "tank").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(tmp / "chips" / "tank" / f"{k}.png")
-    (tmp / "picked.txt").write_text("tank/0\ntank/2\ntank/4\n")
+        size = (40, 40) if k % 2 else (48, 36)
+        Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(tmp / "chips" / "tank" / f"{k}.png")
+    (tmp / "picked.txt").write_text("tank/0\ntank/1\ntank/4\n")
     (tmp / "wrong.txt").write_text("tank/9\n")
     out = tmp / "report"
     assert main(["analyze", "--checkpoint", str(tmp / "run" / "checkpoints" / "last.pt"), "--pairs", "synthetic",

@@ -259,3 +259,17 @@ def test_comparison_reconstructs_mstar_chips_no_evaluation_trains_on(evidence, t
                           "segment", "retrieval", "--mstar-train", "given/train", "--mstar-test", "given/test"]) == 0
     compare = calls["compare"]
     assert compare[compare.index("--images") + 1] == "given/test" and "--images-list" not in compare
+
+
+def test_table_gives_each_reconstructed_set_its_ratio_and_yardstick(evidence, tmp_path):
+    import evidence_table
+
+    ratio, yardstick = "recon error / flattened-recon error", "smooth-field reference"
+    rows = {"mae": {"effective rank (joint)": 20.0, f"{ratio} (SAR)": 1.01, f"{yardstick} (SAR)": 0.97,
+                    f"{ratio} (SAR, chips/val)": 0.9, f"{yardstick} (SAR, chips/val)": 0.94},
+            "fusmae": {"effective rank (joint)": 50.0}}
+    text = evidence_table.markdown([], [40], [40], [], rows)
+    assert (f"| checkpoint | {ratio} (SAR) | {yardstick} (SAR) | {ratio} (SAR, chips/val) | "
+            f"{yardstick} (SAR, chips/val) |") in text
+    assert "| mae | 1.010 | 0.970 | 0.900 | 0.940 |" in text and "| fusmae | - | - | - | - |" in text
+    assert "| fusmae | - | - | 50.000 | - | - |" in text  # the embedding table: only the joint rank known

@@ -49,22 +49,27 @@ class Collected:
     images_name: str = ""
 
 
-def unit_images(source: Source, count: int, size: int) -> dict[str, Tensor]:
-    """The first ``count`` samples of each of the source's modalities as [0, 1] tensors resized to the
-    model's input size."""
-    arrays = [source.load(i) for i in range(min(count, len(source)))]
-    return {
-        m: F.interpolate(torch.from_numpy(np.nan_to_num(np.stack([a[m] for a in arrays]), nan=0.0))  # nodata: 0
-                         .permute(0, 3, 1, 2), size=(size, size),
-                         mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        for m in source.modalities
-    }
+def spread(n: int, count: int) -> np.ndarray:
+    """``count`` indices (all if fewer) spread evenly over ``range(n)``: every class of a class-sorted list."""
+    return np.unique(np.linspace(0, n - 1, num=min(n, count)).round().astype(int))
 
 
-def model_inputs(source: Source, count: int, size: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The [0, 1] images (:func:`unit_images`) and the same normalised with the source's own statistics."""
-    units = unit_images(source, count, size)
-    stats = compute_stats(source, 256, np.arange(min(count, len(source))))
+def unit_images(source: Source, indices: np.ndarray, size: int) -> dict[str, Tensor]:
+    """The samples ``indices`` of each of the source's modalities as [0, 1] tensors, each resized to the
+    model's input size (the images may differ in size)."""
+    arrays = [source.load(int(i)) for i in indices]
+
+    def resized(array: np.ndarray) -> Tensor:
+        x = torch.from_numpy(np.nan_to_num(array, nan=0.0)).permute(2, 0, 1)[None]  # nodata: 0
+        return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+
+    return {m: torch.cat([resized(a[m]) for a in arrays]).clamp(0, 1) for m in source.modalities}
+
+
+def model_inputs(source: Source, indices: np.ndarray, size: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The [0, 1] images (:func:`unit_images`) and the same normalised with their own statistics."""
+    units = unit_images(source, indices, size)
+    stats = compute_stats(source, 256, indices)
     return units, {m: stats[m](x) for m, x in units.items()}
 
 
@@ -73,11 +78,12 @@ def collect(method: PretrainMethod, source: Source, count: int = 200, batch: int
             images: Source | None = None, images_name: str = "") -> Collected:
     """Encode each modality of each pair on its own (no masking), where the method is (bf16 autocast on
     CUDA); SSIM on the [0, 1] inputs (grayscale optical vs SAR channel mean), in the model's patches; the
-    reconstructions of the pairs and of up to ``count`` unpaired ``images`` (one modality, e.g. SAR chips)."""
+    reconstructions of the first ``count`` pairs and of ``count`` unpaired ``images`` spread over them (one
+    modality, e.g. SAR chips; not loaded for an export, whose decoders were left out)."""
     method.eval()
     device = module_device(method)
     encoder = method.encoder
-    units, inputs = model_inputs(source, count, encoder.img_size)
+    units, inputs = model_inputs(source, np.arange(min(count, len(source))), encoder.img_size)
     pooled: dict[str, list[Tensor]] = {"opt": [], "sar": []}
     aligned = []
     for start in range(0, len(inputs["opt"]), batch):
@@ -90,7 +96,10 @@ def collect(method: PretrainMethod, source: Source, count: int = 200, batch: int
     ssim = patch_ssim(grayscale(units["opt"]), units["sar"].mean(1, keepdim=True), encoder.patch_size)
     torch.manual_seed(seed)
     recon = reconstructed(method, inputs, batch)
-    unpaired = reconstructed(method, model_inputs(images, count, encoder.img_size)[1], batch) if images else None
+    unpaired = None
+    if images is not None and not method.encoder_only:
+        picks = spread(len(images), count)
+        unpaired = reconstructed(method, model_inputs(images, picks, encoder.img_size)[1], batch)
     return Collected(torch.cat(pooled["opt"]), torch.cat(pooled["sar"]), torch.cat(aligned), ssim, recon,
                      unpaired, images_name or (images.name if images else ""))
 

@@ -195,7 +195,7 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 def unpaired_note(c: Collected) -> str:
     """The summary's sentence on the unpaired images reconstructed too, if any."""
-    if c.images is None:
+    if c.images is None or not c.images.error_ratio:
         return ""
     return (f" Reconstructions also of {c.images.count} unpaired images of {html.escape(c.images_name)}, "
             "normalised with their own statistics (the columns named after them).")
@@ -221,7 +221,8 @@ def write_report(analyses: list[Analysis], out: Path, source_name: str, patch: i
             png = f"reconstructions_{k}{suffix}.png"
             recon.append(f'<img src="{png}" alt="reconstructions of {html.escape(a.name)}, {html.escape(what)}">'
                          if plot_reconstructions(r, out / png, patch) else
-                         f"<p>No reconstructions of the {html.escape(what)}: this method has no pixel decoder.</p>")
+                         f"<p>No reconstructions of the {html.escape(what)}: this checkpoint has no pixel decoder "
+                         "(Fus-MAE) or left it out (an export).</p>")
     columns = list(dict.fromkeys(c for r in rows for c in r))  # an export has no reconstruction columns
     body = [
         _section(SECTIONS[0], f"<p>{len(analyses[0].collected.opt)} pairs of {html.escape(source_name)}; each "
@@ -237,12 +238,13 @@ def write_report(analyses: list[Analysis], out: Path, source_name: str, patch: i
         _section(SECTIONS[4], "<p>Masked patches are predicted, visible ones copied; a model trained on "
                  "normalised patches (norm-pix) has its predictions mapped back with each target patch's mean and "
                  "variance, as MAE visualises them. <i>recon error / flattened-recon error</i> in the table: the "
-                 "squared error over every masked patch of all pairs, divided by that of the same reconstruction "
+                 "squared error over every masked patch of all images, divided by that of the same reconstruction "
                  "flattened to its own patch means; below 1 the structure predicted inside the masked patches is "
                  "real (it brings the prediction closer to the image than flat patches at the same levels). "
                  "<i>smooth-field reference</i>: the same ratio for a field interpolated through each image's true "
-                 "patch means (all patches), the structure that knowing every patch's level implies; a model's "
-                 "masked patches also carry its errors of level, so a ratio near the reference is good.</p>"
+                 "patch means (all patches), the structure that knowing every patch's level implies. A model on "
+                 "pixel targets also gets the levels wrong, so a ratio near the reference is good; a norm-pix "
+                 "model is mapped back with each target patch's true mean and spread, which flatters it.</p>"
                  + "".join(recon)),
     ]
     nav = "".join(f'<a href="#{s.lower().replace(" ", "-")}">{s}</a>' for s in SECTIONS)

@@ -344,21 +344,19 @@ def unpaired_images(args: argparse.Namespace, channels: dict[str, int]):
     from codemae.eval.splits import JoinedSource, list_indices
 
     if args.images is None:
-        if args.images_list:
-            raise ConfigError("--images-list names images of --images: give --images too")
         return None
-    source = FolderSource(SourceConfig(kind=args.images_modality, root=args.images), channels)
+    source = FolderSource(SourceConfig(kind=args.images_modality, root=args.images, name="images"), channels)
     if not args.images_list:
         return source
     path = Path(args.images_list)
-    return JoinedSource([(source, list_indices(read_split_list(path), source.stems, path, args.images))])
+    return JoinedSource([(source, list_indices(read_split_list(path), source.stems, path, args.images, "--images"))])
 
 
 def images_label(root: str | None, names: str | None) -> str:
     """How the report names the unpaired images: their folder, and the list's name if one picks them."""
     if root is None:
         return ""
-    label = Path(root).name
+    label = Path(root).resolve().name
     return f"{label}/{Path(names).stem}" if names else label
 
 
@@ -371,6 +369,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     checkpoints = args.checkpoints if args.command == "compare" else [args.checkpoint]
+    if args.images_list and not args.images:
+        raise ConfigError("--images-list names images of --images: give --images too")
     analyses, patch = [], 16
     for ckpt in checkpoints:
         method = method_to_evaluate(ckpt).to(device)
@@ -825,7 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
     def analysis_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--pairs", required=True, help="paired folder (opt/, sar/, optional tiles.csv), or 'synthetic'")
         p.add_argument("--split", help="only this split of the pairs' split CSV")
-        p.add_argument("--pairs-n", type=positive_int, default=200, help="at most this many pairs (and images)")
+        p.add_argument("--pairs-n", type=positive_int, default=200,
+                       help="at most this many pairs (the first ones) and --images (spread evenly over them)")
         p.add_argument("--images", metavar="DIR", help="unpaired images of one modality (e.g. SAR target chips, "
                                                          "any image tree) whose reconstructions are measured too")
         p.add_argument("--images-modality", choices=["opt", "sar"], default="sar", help="the modality of --images")

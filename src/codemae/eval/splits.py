@@ -51,9 +51,10 @@ def resplit(data: LabelledSet) -> Split:
     return Split(parts["pool"], parts["val"], parts["test"], "re-split")
 
 
-def list_indices(entries: list[str], stems: list[str], path: Path, data_root: str) -> np.ndarray:
+def list_indices(entries: list[str], stems: list[str], path: Path, data_root: str, flag: str = "--data"
+                 ) -> np.ndarray:
     """Indices (in list order) of the samples the entries name; an unknown, ambiguous or repeated name
-    is an error naming the list and the entry."""
+    is an error naming the list, the entry and the folder (``flag``: the option that gave it)."""
     if not entries:
         raise DataError(f"split list {path} is empty")
     index = {s: i for i, s in enumerate(stems)}
@@ -66,14 +67,14 @@ def list_indices(entries: list[str], stems: list[str], path: Path, data_root: st
         stem = name.rsplit(".", 1)[0] if Path(name).suffix.lower() in IMAGE_SUFFIXES else name
         matches = [index[stem]] if stem in index else by_name.get(stem, []) if "/" not in stem else []
         if len(matches) > 1:
-            raise DataError(f"split list {path}: '{entry}' names {len(matches)} samples of --data {data_root}; "
-                            "give its path relative to --data")
+            raise DataError(f"split list {path}: '{entry}' names {len(matches)} samples of {flag} {data_root}; "
+                            f"give its path relative to {flag}")
         if matches:
             picked.append(matches[0])
         else:
             missing.append(entry)
     if missing:
-        raise DataError(f"split list {path}: '{missing[0]}' is not in --data {data_root} "
+        raise DataError(f"split list {path}: '{missing[0]}' is not in {flag} {data_root} "
                         f"({len(missing)} of {len(entries)} names absent)")
     seen: set[int] = set()
     for entry, i in zip(entries, picked):
