@@ -116,6 +116,22 @@ def test_budget_epochs_fit_the_hours_at_the_measured_step_time(evidence):
     assert evidence.budget_epochs(timing, 10, 0.1) == (4, 0.4)  # 360 s / (1.5 s x 53) = 4.5
     assert evidence.budget_epochs(timing, 10, 0.5) == (22, 2.2)  # 1800 / 79.5 = 22.6
     assert evidence.budget_epochs(timing, 10, 0.001) == (1, 0.1)  # at least one epoch
+    steady = timing | {"steady_seconds_per_step": 1.0}  # the start-up left out: 1800 / 53 = 33.96
+    assert evidence.budget_epochs(steady, 10, 0.5) == (33, 3.3)
+
+
+def test_steady_step_time_leaves_the_start_up_out(tmp_path, monkeypatch):
+    now, step = [0.0], engine.Trainer.train_step
+
+    def timed_step(self, *args):  # 0.4 s a step, and 5 s of start-up (workers, first batch) in the first one
+        now[0] += 0.4 + (5.0 if self.step == 0 else 0.0)
+        return step(self, *args)
+
+    monkeypatch.setattr(engine, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(engine.Trainer, "train_step", timed_step)
+    summary = pretrain(tiny_config(tmp_path / "run", train={"epochs": 3, "log_every": 2}))  # 12 steps
+    assert summary["seconds"] == pytest.approx(5.0 + 12 * 0.4)
+    assert summary["steady_seconds_per_step"] == pytest.approx(0.4)
 
 
 def test_mstar_split_is_stratified_disjoint_and_the_csv_agrees(evidence, tmp_path):

@@ -305,6 +305,7 @@ class Trainer:
         start, start_step = time.perf_counter(), self.step
         self.deadline, self.timed_out = start + 60 * tc.max_minutes if tc.max_minutes else math.inf, False
         self.logged_at = (start, self.step)  # time and step of the last step line, for its throughput
+        self.first_logged: tuple[float, int] | None = None  # the first step line's, for the steady step time
         bar = tqdm(total=self.stop_at, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not shows_bar(self.cfg, self.info))
         self.method.train()
@@ -383,6 +384,7 @@ class Trainer:
         now, step = time.perf_counter(), int(row["step"])
         rate = (step - self.logged_at[1]) * self.effective_batch / max(now - self.logged_at[0], 1e-9)
         self.logged_at = (now, step)
+        self.first_logged = self.first_logged or (now, step)
         self.metrics.log(row)
         log.info(step_line(row, self.stop_at, rate), extra={STEP_LINE: True})
 
@@ -422,6 +424,13 @@ class Trainer:
                 "grad_norm": grad_norm,
                 "skipped_samples": round(skipped_samples)}
 
+    def steady_seconds_per_step(self) -> float | None:
+        """Seconds a step between the first and the last step line: the step time without the start-up
+        (data-loader workers, first batches) that ``seconds`` includes; None with fewer than two lines."""
+        if self.first_logged is None or self.logged_at[1] <= self.first_logged[1]:
+            return None
+        return round((self.logged_at[0] - self.first_logged[0]) / (self.logged_at[1] - self.first_logged[1]), 4)
+
     def finish(self, seconds: float, steps: int) -> dict:
         in_sync = params_in_sync(self.method, self.info)
         summary = {
@@ -436,6 +445,7 @@ class Trainer:
             "seconds": round(seconds, 2),
             "max_minutes_reached": self.timed_out and self.step < self.stop_at,
             "pairs_per_s": round(steps * self.effective_batch / 2 / seconds, 2) if steps and seconds else None,
+            "steady_seconds_per_step": self.steady_seconds_per_step(),
             "final": self.metrics.rows[-1] if self.metrics and self.metrics.rows else None,
         }
         if not in_sync:
