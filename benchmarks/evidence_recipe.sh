@@ -50,11 +50,14 @@ finetune() {  # name, seeds, encoder...: 40-shot fine-tuning (sar-target protoco
     --seeds "$seeds" --epochs 60 --out "$OUT/val_ft40_$name.json"
 }
 finetune sar_nopix_e40 1 --checkpoint "$OUT/sar_nopix_e40/checkpoints/last.pt"  # the best candidate's check
-budget() {  # name, MSTAR weight: joint MAE pretrained as the study does (its timing run, --hours), then fine-tuned
-  .venv/bin/python benchmarks/evidence.py --hours "${HOURS:-0.5}" --data-root "$DATA" --methods mae --mstar-weight "$2" \
-    --out "$OUT/$1" --pretrain-only
-  finetune "$1" 3 --checkpoint "$OUT/$1/pretrain/mae/checkpoints/last.pt"
+budget() {  # name, MSTAR weight, [evidence.py options]: joint MAE pretrained as the study does (its timing run,
+  # --hours), then fine-tuned
+  local name=$1 weight=$2; shift 2
+  .venv/bin/python benchmarks/evidence.py --hours "${HOURS:-0.5}" --data-root "$DATA" --methods mae \
+    --mstar-weight "$weight" --out "$OUT/$name" --pretrain-only "$@"
+  finetune "$name" 3 --checkpoint "$OUT/$name/pretrain/mae/checkpoints/last.pt"
 }
 finetune cnn 3 --cnn 64
 budget budget_w2 2
 budget budget_w6 6
+budget budget_w18 18 --epochs 3  # 955 steps an epoch: 3 fill the 0.5 h budget (2,862 steps, 1,328 s here)
