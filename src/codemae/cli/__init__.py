@@ -24,6 +24,7 @@ from codemae.cli.args import (
 from codemae.errors import CodemaeError, ConfigError, one_line
 
 if TYPE_CHECKING:
+    from codemae.data.sources import Source
     from codemae.eval.data import LabelledSet
     from codemae.eval.splits import Split
 
@@ -336,7 +337,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return finish(title, result, args)
 
 
-def unpaired_images(args: argparse.Namespace, channels: dict[str, int]):
+def unpaired_images(args: argparse.Namespace, channels: dict[str, int]) -> Source | None:
     """--images (one modality, any image tree), restricted to --images-list; None without --images."""
     from codemae.config import SourceConfig
     from codemae.data.sources import FolderSource
