@@ -117,12 +117,20 @@ class Study:
         tmp.replace(path)
 
     # --- MSTAR split -----------------------------------------------------------------------------------
+    @property
+    def mstar_root(self) -> Path:
+        return self.data / "mstar" / "train_17deg"
+
+    def mstar_lists(self) -> dict[str, Path]:
+        """The fixed split's lists and CSV (:func:`write_mstar_split`, written once into the study's folder)."""
+        return write_mstar_split(self.mstar_root, self.out / "mstar_split")
+
     def mstar_eval_args(self) -> list[str]:
         """``--data/--train/--val/--test`` of the MSTAR probe and fine-tuning."""
         if self.args.mstar_train:
             return ["--data", self.args.mstar_train, "--train", self.args.mstar_train, "--test", self.args.mstar_test]
-        lists = write_mstar_split(self.data / "mstar" / "train_17deg", self.out / "mstar_split")
-        return ["--data", str(self.data / "mstar" / "train_17deg"),
+        lists = self.mstar_lists()
+        return ["--data", str(self.mstar_root),
                 *(a for part in ("train", "val", "test") for a in (f"--{part}", str(lists[part])))]
 
     def mstar_images_args(self) -> list[str]:
@@ -130,15 +138,14 @@ class Study:
         part, or a given --mstar-test set), whose SAR reconstructions are measured beside the S1/S2 pairs'."""
         if self.args.mstar_train:
             return ["--images", self.args.mstar_test]
-        lists = write_mstar_split(self.data / "mstar" / "train_17deg", self.out / "mstar_split")
-        return ["--images", str(self.data / "mstar" / "train_17deg"), "--images-list", str(lists["val"])]
+        return ["--images", str(self.mstar_root), "--images-list", str(self.mstar_lists()["val"])]
 
     def mstar_pretrain_overrides(self) -> list[str]:
         key = f"data.sources.{MSTAR_SOURCE}"
         weight = [] if self.args.mstar_weight is None else [f"{key}.weight={self.args.mstar_weight}"]
         if self.args.mstar_train:
             return [f"{key}.root={Path(self.args.mstar_train).resolve()}", *weight]
-        lists = write_mstar_split(self.data / "mstar" / "train_17deg", self.out / "mstar_split")
+        lists = self.mstar_lists()
         return [f"{key}.split=train", f"{key}.split_csv={lists['csv'].resolve()}", *weight]
 
     # --- pretraining -----------------------------------------------------------------------------------

@@ -48,6 +48,10 @@ class Collected:
     images: Reconstructed | None = None
     images_name: str = ""
 
+    def reconstruction_sets(self) -> list[tuple[str, Reconstructed]]:
+        """The pairs' reconstructions (named "") and the unpaired images' (named ``images_name``) if any."""
+        return [("", self.recon)] + ([(self.images_name, self.images)] if self.images else [])
+
 
 def spread(n: int, count: int) -> np.ndarray:
     """``count`` indices (all if fewer) spread evenly over ``range(n)``: every class of a class-sorted list."""

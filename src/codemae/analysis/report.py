@@ -56,11 +56,11 @@ class Analysis:
 
     def summary(self) -> dict[str, float]:
         c = self.collected
-        sets = [("", c.recon)] + ([(f", {c.images_name}", c.images)] if c.images else [])
         return {**{f"effective rank ({k})": v for k, v in self.ranks.items()},
                 "mean patch alignment (cosine)": float(c.alignment.mean()),
                 "alignment vs SSIM slope": self.binned.slope,
-                **{f"{what} ({MODALITY_NAMES[m]}{where})": v for where, r in sets
+                **{f"{what} ({MODALITY_NAMES[m]}{f', {where}' if where else ''})": v
+                   for where, r in c.reconstruction_sets()
                    for what, ratios in (("recon error / flattened-recon error", r.error_ratio),
                                         ("smooth-field reference", r.reference_ratio)) for m, v in ratios.items()},
                 "pairs": len(c.opt)}
@@ -214,11 +214,8 @@ def write_report(analyses: list[Analysis], out: Path, source_name: str, patch: i
         projections.append(f"<h3>{html.escape(a.name)}</h3><p>{html.escape(how)}.</p>"
                            f'<img src="embeddings_{k}.png" alt="paired embeddings of {html.escape(a.name)}">')
         recon.append(f"<h3>{html.escape(a.name)}</h3>")
-        sets = [("pairs", "", a.collected.recon)]
-        if a.collected.images:
-            sets.append((a.collected.images_name, "_images", a.collected.images))
-        for what, suffix, r in sets:
-            png = f"reconstructions_{k}{suffix}.png"
+        for where, r in a.collected.reconstruction_sets():
+            what, png = (where, f"reconstructions_{k}_images.png") if where else ("pairs", f"reconstructions_{k}.png")
             recon.append(f'<img src="{png}" alt="reconstructions of {html.escape(a.name)}, {html.escape(what)}">'
                          if plot_reconstructions(r, out / png, patch) else
                          f"<p>No reconstructions of the {html.escape(what)}: this checkpoint has no pixel decoder "
