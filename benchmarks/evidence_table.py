@@ -4,6 +4,8 @@ one JSON file, headed by the commit, the command and the measured wall time."""
 from __future__ import annotations
 
 import json
+import os
+import platform
 import shlex
 import subprocess
 from pathlib import Path
@@ -32,6 +34,23 @@ def commit() -> str:
         return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
     return git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if git("status", "--porcelain") else "")
+
+
+def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU the budget was spent on: its model, cores and widest vector extension (a 0.5 h budget holds
+    about twice the steps on an AVX-512 core as on an AVX2 one)."""
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    vector = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "no AVX")
+    return f"{fields.get('model name') or platform.processor() or platform.machine()}, {os.cpu_count()} cores, {vector}"
+
+
+def step_times(out: Path, methods: list[str]) -> str:
+    """Each method's steady seconds a step in its timing run, the step time its epochs were budgeted by."""
+    times = {m: (read(out / "timing" / m / "summary.json") or {}).get("steady_seconds_per_step") for m in methods}
+    return ", ".join(f"{m} {t:.3f} s" for m, t in times.items() if t) or "no timing runs (--epochs)"
 
 
 def encoder_row(out: Path, name: str, shots: list[int], ft_shots: list[int]) -> dict:
@@ -171,7 +190,9 @@ def write_table(out: Path, args, methods: list[str], command: list[str]) -> None
     header = [f"# codemae evidence study, --hours {args.hours} per method",
               "", f"- commit {commit()}", f"- command: `{shlex.join(map(str, command))}`",
               f"- measured wall time of the steps this table was built from: {total / 60:.1f} min "
-              f"(per step in times.json)", f"- {split}",
+              f"(per step in times.json)",
+              f"- machine: {machine()}; steady step time of the timing runs: {step_times(out, methods)}",
+              f"- {split}",
               f"- MSTAR weight in the pretraining mixture: {mstar_weight(out, methods, args):g} "
               "(Fus-MAE takes the S1/S2 pairs only)",
               f"- probe: honest protocol, {args.probe_seeds} seeds; fine-tuning: sar-target, {args.ft_seeds} seeds"

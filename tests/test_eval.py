@@ -2,6 +2,7 @@
 metrics on hand-built embeddings, the honest protocol's handling of test labels."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,3 +119,47 @@ def test_probe_cli_on_synthetic_with_random_encoder(tmp_path, capsys):
     assert len(summary["honest (val-selected, test once)"]["values"]) == 2
     assert "linear probe (codemae-linear), both" in capsys.readouterr().out
     assert main(["probe", "--random", str(config), "--data", str(tmp_path), "--modality", "both"]) == 2
+
+
+def test_seeds_split_over_runs_merge_into_the_one_run_result(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(to_dict(tiny_config(tmp_path / "run"))))
+
+    def probe_run(name: str, *seeds: str) -> Path:
+        out = tmp_path / name
+        assert main(["probe", "--random", str(config), "--data", "synthetic", "--synthetic-n", "60",
+                     "--synthetic-size", "40", "--modality", "sar", "--kshot", "random", "--shots", "2", "--epochs", "3", *seeds,
+                     "--out", str(out)]) == 0
+        return out
+
+    whole = json.loads(probe_run("whole.json", "--seeds", "3").read_text())
+    assert whole["seeds"] == [0, 1, 2]
+    later = probe_run("later.json", "--seeds", "2", "--first-seed", "1")
+    first = probe_run("first.json", "--seeds", "1")
+    merged_out = tmp_path / "merged.json"
+    assert main(["merge", str(later), str(first), "--out", str(merged_out)]) == 0
+    merged = json.loads(merged_out.read_text())
+    assert merged["seeds"] == [0, 1, 2] and merged["merged_from"] == [str(later), str(first)]
+    for key, s in whole["summary"].items():  # the same seeds give the same per-seed results, in seed order
+        assert merged["summary"][key]["values"] == pytest.approx(s["values"])
+        assert merged["summary"][key]["mean"] == pytest.approx(s["mean"])
+        assert merged["summary"][key]["std"] == pytest.approx(s["std"])
+    assert len(set(whole["summary"]["honest (val-selected, test once)"]["values"])) > 1  # the seeds differ
+    capsys.readouterr()
+
+    assert main(["merge", str(later), str(tmp_path / "whole.json"), "--out", str(tmp_path / "m.json")]) == 2
+    assert "seed 1 is in" in capsys.readouterr().err
+    other = json.loads(first.read_text()) | {"command": ["probe", "--shots", "10", "--seeds", "1"]}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["merge", str(later), str(tmp_path / "other.json"), "--out", str(tmp_path / "m.json")]) == 2
+    assert "another evaluation than" in capsys.readouterr().err
+    assert main(["merge", str(later), str(tmp_path / "missing.json"), "--out", str(tmp_path / "m.json")]) == 2
+    assert "missing.json: cannot read a JSON result" in capsys.readouterr().err
+
+
+def test_evaluation_of_drops_only_the_seed_and_output_options():
+    from codemae.eval.report import evaluation_of
+
+    assert evaluation_of(["finetune", "--cnn", "64", "--seeds", "2", "--first-seed", "3", "--out", "a.json",
+                          "--shots", "40"]) == ["finetune", "--cnn", "64", "--shots", "40"]
+    assert evaluation_of(["probe", "--seeds=2", "--out=x.json", "--epochs", "3"]) == ["probe", "--epochs", "3"]

@@ -195,6 +195,7 @@ def test_table_shows_mean_and_std_of_each_output_and_dashes_for_missing(evidence
     assert "| joint MAE | 50.00 | 100.00 | 1.50 | 50.00 | 100.00 | 1.50 |" in text and "chance R@1 25.00" in text
     assert json.loads((tmp_path / "evidence.json").read_text())["rows"][0]["probe 40-shot"]["mean"] == 61.25
     assert "- MSTAR weight in the pretraining mixture: 6 " in text
+    assert "- machine: " in text and "no timing runs (--epochs)" in text
     weighted = evidence.parse_args(["--shots", "40", "--methods", "mae", "--mstar-weight", "2.5"])
     evidence_table.write_table(tmp_path, weighted, ["mae"], ["evidence.py"])
     assert "- MSTAR weight in the pretraining mixture: 2.5 " in (tmp_path / "evidence.md").read_text()
@@ -289,3 +290,16 @@ def test_table_gives_each_reconstructed_set_its_ratio_and_yardstick(evidence, tm
             f"{yardstick} (SAR, chips/val) |") in text
     assert "| mae | 1.010 | 0.970 | 0.900 | 0.940 |" in text and "| fusmae | - | - | - | - |" in text
     assert "| fusmae | - | - | 50.000 | - | - |" in text  # the embedding table: only the joint rank known
+
+
+def test_machine_names_the_cpu_and_its_widest_vector_extension(evidence, tmp_path):
+    import evidence_table
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    assert evidence_table.machine(info).startswith("AMD EPYC 7B13, ") and evidence_table.machine(info).endswith(", avx2")
+    info.write_text("model name\t: Xeon\nflags\t\t: avx avx2 avx512f avx512bw\n")
+    assert evidence_table.machine(info).endswith(", avx512f")
+    (tmp_path / "timing" / "mae").mkdir(parents=True)
+    (tmp_path / "timing" / "mae" / "summary.json").write_text(json.dumps({"steady_seconds_per_step": 0.7112}))
+    assert evidence_table.step_times(tmp_path, ["mae", "rigid"]) == "mae 0.711 s"

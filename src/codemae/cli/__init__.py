@@ -148,14 +148,30 @@ def evaluation_setup(args: argparse.Namespace):
 
 
 def seeds_of(args: argparse.Namespace) -> list[int]:
-    return list(range(args.seeds))
+    return list(range(args.first_seed, args.first_seed + args.seeds))
 
 
 def finish(title: str, result: dict, args: argparse.Namespace) -> int:
     from codemae.eval.report import print_table, write_json
 
     print_table(title, result["summary"], args.seeds)
-    write_json(args.out, {"command": sys.argv[1:], **result})
+    write_json(args.out, {"command": sys.argv[1:], "seeds": seeds_of(args), **result})
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from codemae.eval.report import merge_results, print_table, write_json
+
+    parts = {}
+    for path in args.results:
+        try:
+            parts[path] = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: cannot read a JSON result ({one_line(e)})") from None
+    merged = merge_results(parts)
+    print_table(f"{' '.join(merged['command'][:1])}, seeds {', '.join(map(str, merged['seeds']))}",
+                merged["summary"], len(merged["seeds"]))
+    write_json(args.out, merged)
     return 0
 
 
@@ -505,6 +521,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def seed_args(p: argparse.ArgumentParser, default: int, what: str) -> None:
+    """``--seeds N --first-seed S``: seeds S..S+N-1 (one evaluation's seeds split over runs; ``codemae merge``)."""
+    p.add_argument("--seeds", type=positive_int, default=default, help=f"how many seeds ({what})")
+    p.add_argument("--first-seed", type=non_negative_int, default=0,
+                   help="the first seed: --seeds N runs seeds S..S+N-1 (split seeds over runs, then codemae merge)")
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codemae", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"codemae {__version__}")
@@ -667,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "with --train)")
         p.add_argument("--kshot", choices=["balanced", "random"], default="balanced",
                        help="K per class, or K x classes at random (the reference code's 'K-shot')")
-        p.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1, each with its own K-shot draw")
+        seed_args(p, 5, "each with its own K-shot draw")
         p.add_argument("--centre-crop", type=positive_int, help="centre-crop to this many pixels before resizing")
         p.add_argument("--synthetic-n", type=positive_int, default=400, help="scenes for --data synthetic")
         p.add_argument("--synthetic-size", type=positive_int, default=96)
@@ -708,6 +731,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the protocol's layer-wise lr decay (AID 0.85, RESISC45 0.95)")
     p.add_argument("--epochs", type=positive_int, help="override the protocol's epochs (for quick checks)")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("merge", help="one result from the JSON results of one evaluation run over disjoint seeds",
+                       description="Merges the --out results of probe, knn, finetune, segment, damage or detect runs "
+                                   "that differ only in --seeds / --first-seed (seeds split over cores or machines) "
+                                   "into one: mean +- std over all their seeds, in seed order.")
+    p.add_argument("results", nargs="+", help="the JSON results")
+    p.add_argument("--out", required=True, help="the merged JSON result")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("split-lists", help="write a seeded, class-stratified split of a class-folder tree as lists",
                        description="Writes <out>/train.txt, val.txt and test.txt (image paths relative to --data, "
@@ -760,7 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=positive_int, default=512,
                    help="training crop and test window in px (lowered to the smallest training image)")
     p.add_argument("--stride", type=positive_int, help="sliding-window stride (default: half the crop)")
-    p.add_argument("--seeds", type=positive_int, default=3)
+    seed_args(p, 3, "init and shuffling")
     p.add_argument("--train-fraction", type=fraction, default=0.5,
                    help="without split lists: the first fraction of the samples (of a scene's rows) trains")
     p.add_argument("--synthetic-n", type=positive_int, default=80)
@@ -775,7 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
     encoder_args(p)
     p.add_argument("--data", required=True, help="folder with pre-event/, post-event/, target/ and train/val/test.txt")
     p.add_argument("--epochs", type=positive_int, default=20)
-    p.add_argument("--seeds", type=positive_int, default=3)
+    seed_args(p, 3, "init and shuffling")
     p.add_argument("--img-size", type=positive_int, help="crop / window size (default: the encoder's input size)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--crops-per-scene", type=positive_int, default=4, help="random training crops per scene and epoch")
@@ -812,7 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "set's names sorted)")
     p.add_argument("--schedule", choices=["1x", "3x"], default="1x", help="12 epochs, lr steps 8, 11 / 36 epochs, 27, 33")
     p.add_argument("--epochs", type=positive_int, help="run this many epochs, the lr steps scaled to it")
-    p.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 (init and shuffling; the split is fixed)")
+    seed_args(p, 3, "init and shuffling; the split is fixed")
     p.add_argument("--img-size", type=positive_int, default=512, help="square input size, a multiple of 32")
     p.add_argument("--multiscale", action="store_true", help="train at a random size of 0.75-1.25 x --img-size")
     p.add_argument("--batch-size", type=positive_int, default=4)
