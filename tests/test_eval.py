@@ -128,8 +128,8 @@ def test_seeds_split_over_runs_merge_into_the_one_run_result(tmp_path, capsys):
     def probe_run(name: str, *seeds: str) -> Path:
         out = tmp_path / name
         assert main(["probe", "--random", str(config), "--data", "synthetic", "--synthetic-n", "60",
-                     "--synthetic-size", "40", "--modality", "sar", "--kshot", "random", "--shots", "2", "--epochs", "3", *seeds,
-                     "--out", str(out)]) == 0
+                     "--synthetic-size", "40", "--modality", "sar", "--kshot", "random", "--shots", "2",
+                     "--epochs", "3", *seeds, "--out", str(out)]) == 0
         return out
 
     whole = json.loads(probe_run("whole.json", "--seeds", "3").read_text())
