@@ -521,12 +521,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def seed_args(p: argparse.ArgumentParser, default: int, what: str) -> None:
     """``--seeds N --first-seed S``: seeds S..S+N-1 (one evaluation's seeds split over runs; ``codemae merge``)."""
     p.add_argument("--seeds", type=positive_int, default=default, help=f"how many seeds ({what})")
     p.add_argument("--first-seed", type=non_negative_int, default=0,
                    help="the first seed: --seeds N runs seeds S..S+N-1 (split seeds over runs, then codemae merge)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codemae", description=__doc__, formatter_class=HelpFormatter)
