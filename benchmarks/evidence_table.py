@@ -37,8 +37,8 @@ def commit() -> str:
 
 
 def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU the budget was spent on: its model, cores and widest vector extension (the same 0.5 h held
-    3,024 steps of the weight-6 mixture on the first machine; on a Zen 3 core its timing run scheduled 2,352)."""
+    """The CPU the budget was spent on: its model, cores and widest vector extension (the same ``--hours``
+    holds different steps on different CPUs; docs/evidence.md)."""
     text = cpuinfo.read_text() if cpuinfo.is_file() else ""
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
