@@ -97,6 +97,30 @@ def test_finetune_cnn_runs_the_protocol_and_refuses_an_encoder_beside_it(tmp_pat
     assert err.value.code == 2 and "not allowed with" in capsys.readouterr().err
 
 
+def test_finetune_initialises_each_seed_from_that_seed_alone(tmp_path, monkeypatch):
+    """A seed's CNN and head start from the same weights whether it runs alone (--first-seed, as
+    `codemae merge` assumes), after another seed, or after other draws from the global generator."""
+    import torch
+
+    import codemae.eval.finetune as finetune
+    from codemae.cli import main
+
+    data, starts = write_classes(tmp_path / "data"), []
+    train = finetune.finetune_once
+
+    def recording(model, *args):
+        starts.append(torch.cat([p.detach().flatten() for p in model.parameters()]).clone())
+        return train(model, *args)
+
+    monkeypatch.setattr(finetune, "finetune_once", recording)
+    common = ["finetune", "--cnn", "32", "--data", str(data), "--modality", "sar", "--shots", "2", "--epochs", "1"]
+    assert main(common + ["--seeds", "2"]) == 0
+    torch.rand(7)  # another history of the global generator
+    assert main(common + ["--seeds", "1", "--first-seed", "1"]) == 0
+    first, second, alone = starts
+    assert torch.equal(second, alone) and not torch.equal(first, second)
+
+
 # --- benchmarks/evidence.py ---------------------------------------------------------------------------
 
 @pytest.fixture

@@ -282,6 +282,7 @@ def run_finetune(load: Callable[[], PretrainMethod], data: LabelledSet, split: S
         batch -= batch % 2 if recipe.mixer else 0  # timm's batch mixing pairs samples
         train = DataLoader(Subset(cached, train_idx.tolist()), batch_size=batch, shuffle=True, drop_last=True,
                            generator=torch.Generator().manual_seed(seed))
+        torch.manual_seed(seed)  # the model's and head's initialisation: a seed's own, whatever ran before
         method = load()
         model = Classifier(method, mods, len(data.classes), protocol.bn_head).to(module_device(method))
         start = time.perf_counter()
