@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench evidence clean chromium
+.PHONY: demo test test-all bench evidence evidence-mstar clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ bench: $(STAMP)
 HOURS ?= 0.5
 evidence: $(STAMP)
 	$(PY) benchmarks/evidence.py --hours $(HOURS) --out runs/evidence/study_$(HOURS)h
+
+# make evidence-mstar [HOURS=0.5]: the MSTAR-task encoder (joint MAE on MSTAR's train chips alone) against the
+# small CNN and the HiViT from scratch, 5 fine-tuning seeds (docs/evidence.md)
+evidence-mstar: $(STAMP)
+	$(PY) benchmarks/evidence.py --hours $(HOURS) --methods mae_sar --skip retrieval segment --ft-seeds 5 \
+	  --out runs/evidence/mstar_$(HOURS)h
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -35,7 +35,10 @@ METHODS = {  # name: (config, label)
     "codemae": ("evidence_codemae.yaml", "CoDe-MAE (CCL + CDR)"),
     "rigid": ("evidence_rigid.yaml", "rigid contrastive (linear, encoder)"),
     "fusmae": ("evidence_fusmae.yaml", "Fus-MAE XAE&D"),
+    "mae_sar": ("evidence_mae_sar.yaml", "joint MAE, MSTAR only (the MSTAR-task encoder)"),
 }
+COMPARED = ["mae", "codemae", "rigid", "fusmae"]  # the paper's methods, the default; mae_sar is asked for by name
+MIXTURE = {"mae", "codemae", "rigid"}  # the methods that pretrain on the pairs + MSTAR mixture
 # the untrained floors: the HiViT of the MAE-family methods, and Fus-MAE's ViT (when Fus-MAE is compared)
 RANDOM = {"random": f"{CONFIGS}/evidence_mae.yaml", "random_vit": f"{CONFIGS}/evidence_fusmae.yaml"}
 
@@ -57,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--mstar-train", help="MSTAR training chips, <class>/<image> (default: the fixed split)")
     p.add_argument("--mstar-test", help="MSTAR test chips, <class>/<image> (e.g. the 15-degree SOC set)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=COMPARED,
+                   help="pretrained encoders (default: the compared methods; mae_sar: joint MAE on MSTAR alone)")
     p.add_argument("--mstar-weight", type=float, help="sampling weight of MSTAR's unpaired chips in the pretraining "
                                                       "mixture (default: the configs' 6)")
     p.add_argument("--epochs", type=int, help="the same pretraining epochs for every method instead of the epochs that "
@@ -140,9 +144,12 @@ class Study:
             return ["--images", self.args.mstar_test]
         return ["--images", str(self.mstar_root), "--images-list", str(self.mstar_lists()["val"])]
 
-    def mstar_pretrain_overrides(self) -> list[str]:
+    def mstar_pretrain_overrides(self, name: str) -> list[str]:
+        """The MSTAR source's chips (the split's train part, or ``--mstar-train``) and, for the mixture
+        methods, ``--mstar-weight``."""
         key = f"data.sources.{MSTAR_SOURCE}"
-        weight = [] if self.args.mstar_weight is None else [f"{key}.weight={self.args.mstar_weight}"]
+        mixed = self.args.mstar_weight is not None and name in MIXTURE
+        weight = [f"{key}.weight={self.args.mstar_weight}"] if mixed else []
         if self.args.mstar_train:
             return [f"{key}.root={Path(self.args.mstar_train).resolve()}", *weight]
         lists = self.mstar_lists()
@@ -152,7 +159,7 @@ class Study:
     def pretrain(self, name: str) -> Path:
         """Time a few steps, then pretrain for the epochs that fit ``--hours``; the checkpoint."""
         config = f"{CONFIGS}/{METHODS[name][0]}"
-        common = [f"data.root={self.data.resolve()}", "train.progress=false", *self.mstar_pretrain_overrides()]
+        common = [f"data.root={self.data.resolve()}", "train.progress=false", *self.mstar_pretrain_overrides(name)]
         if self.args.epochs:
             epochs, warmup = self.args.epochs, round(0.1 * self.args.epochs, 2)
         else:

@@ -10,7 +10,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from evidence import CONFIGS, METHODS, MSTAR_SOURCE, REPO, random_encoders
+from evidence import CONFIGS, METHODS, MIXTURE, MSTAR_SOURCE, REPO, random_encoders
 
 LABELS = {**{k: v[1] for k, v in METHODS.items()}, "random": "random init (HiViT, the MAE-family encoder)",
           "random_vit": "random init (ViT, Fus-MAE's encoder)", "cnn": "small CNN from scratch"}
@@ -139,13 +139,13 @@ def norm_pix(run: Path) -> bool:
 
 
 def mstar_weight(out: Path, methods: list[str], args) -> float:
-    """The sampling weight of MSTAR's chips in the pretraining mixture, as the study's first MSTAR-using
-    run was configured (``config.yaml``); before any run, ``--mstar-weight`` or the configs'."""
+    """The sampling weight of MSTAR's chips in the pretraining mixture, as the study's first mixture run
+    was configured (``config.yaml``); before any run, ``--mstar-weight`` or the configs'."""
     from codemae.config import load_config
 
     for method in methods:
         config = out / "pretrain" / method / "config.yaml"
-        if method != "fusmae" and config.is_file():
+        if method in MIXTURE and config.is_file():
             return load_config(config).data.sources[MSTAR_SOURCE].weight
     if args.mstar_weight is not None:
         return args.mstar_weight
@@ -194,7 +194,8 @@ def write_table(out: Path, args, methods: list[str], command: list[str]) -> None
               f"- machine: {machine()}; steady step time of the timing runs: {step_times(out, methods)}",
               f"- {split}",
               f"- MSTAR weight in the pretraining mixture: {mstar_weight(out, methods, args):g} "
-              "(Fus-MAE takes the S1/S2 pairs only)",
+              "(Fus-MAE takes the S1/S2 pairs only" + ("; joint MAE, MSTAR only, the MSTAR chips alone" if
+                                                         "mae_sar" in methods else "") + ")",
               f"- probe: honest protocol, {args.probe_seeds} seeds; fine-tuning: sar-target, {args.ft_seeds} seeds"
               + (f", {args.ft_epochs} epochs" if args.ft_epochs else ", 60 epochs"),
               "- OKD: no teacher (none within the budget), so CoDe-MAE runs CCL + CDR",

@@ -246,9 +246,34 @@ def test_mstar_weight_reaches_every_pretraining_and_must_be_positive(evidence, t
     study.pretrain("mae")
     assert "data.sources.1.weight=6.0" in calls[0] and "data.sources.1.split=train" in calls[0]
     default = evidence.Study(evidence.parse_args(["--out", str(tmp_path)]), tmp_path)
-    assert not any(".weight=" in a for a in default.mstar_pretrain_overrides())
+    assert not any(".weight=" in a for a in default.mstar_pretrain_overrides("mae"))
     with pytest.raises(SystemExit):
         evidence.parse_args(["--mstar-weight", "0"])
+
+
+def test_mstar_only_encoder_is_asked_for_by_name_and_pretrains_on_the_train_chips_alone(evidence, tmp_path,
+                                                                                         monkeypatch):
+    assert "mae_sar" not in evidence.parse_args([]).methods
+    args = evidence.parse_args(["--out", str(tmp_path), "--epochs", "2", "--mstar-weight", "6", "--methods", "mae_sar"])
+    study, calls = evidence.Study(args, tmp_path), []
+    monkeypatch.setattr(evidence, "write_mstar_split", lambda root, out: {"csv": out / "split.csv"})
+    monkeypatch.setattr(study, "run", lambda step, argv, done: calls.append(argv))
+    study.pretrain("mae_sar")
+    argv = calls[0]
+    assert argv[:3] == ["pretrain", "--config", "configs/pretrain/evidence_mae_sar.yaml"]
+    assert not any(".weight=" in a for a in argv)  # the mixture's weight is not its business
+    overrides = [a for a in argv[3:] if a.startswith("data.sources.")]
+    config = load_config(REPO / argv[2], overrides)
+    (source,) = config.data.sources
+    assert (source.name, source.split, source.weight) == ("mstar", "train", 1.0)
+    assert Path(source.split_csv) == (tmp_path / "mstar_split" / "split.csv").resolve()
+    mixture = load_config(REPO / "configs/pretrain/evidence_mae.yaml")
+    assert (config.model, config.method, config.train) == (mixture.model, mixture.method, mixture.train)
+    import evidence_table
+
+    evidence_table.write_table(tmp_path, args, ["mae_sar"], ["evidence.py"])
+    text = (tmp_path / "evidence.md").read_text()
+    assert "| joint MAE, MSTAR only (the MSTAR-task encoder) |" in text and "the MSTAR chips alone)" in text
 
 
 def test_pretrain_only_evaluates_nothing(evidence, tmp_path, monkeypatch):
