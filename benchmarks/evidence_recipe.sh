@@ -55,6 +55,12 @@ candidate sar_nopix_budget 49 'data.kinds=[sar]' data.sources.1.weight=1.0 train
 finetune sar_nopix_budget 1 --checkpoint "$OUT/sar_nopix_budget/checkpoints/last.pt"
 # the same at the budget on both cores (two threads: 0.284 s a step here against 0.488 with one)
 OMP_NUM_THREADS=2 candidate sar_nopix_2t 118 'data.kinds=[sar]' data.sources.1.weight=1.0 train.warmup_epochs=11.8 train.max_minutes=30
+finetune sar_nopix_2t 3 --checkpoint "$OUT/sar_nopix_2t/checkpoints/last.pt"
+# pretraining crops at scale 0.5-1 instead of 0.2-1 (the fine-tuning sees whole chips), at sar_nopix_2t's
+# 6,018 steps; run on one thread beside that fine-tuning (0.35 s a step on an AVX-512 Xeon, so 35 minutes)
+OMP_NUM_THREADS=1 candidate sar_crop50_2t 118 'data.kinds=[sar]' data.sources.1.weight=1.0 train.warmup_epochs=11.8 \
+  'data.crop_scale=[0.5,1.0]'
+finetune sar_crop50_2t 3 --checkpoint "$OUT/sar_crop50_2t/checkpoints/last.pt"
 budget() {  # name, MSTAR weight, [evidence.py options]: joint MAE pretrained as the study does (its timing run,
   # --hours), then fine-tuned
   local name=$1 weight=$2; shift 2
