@@ -145,13 +145,14 @@ class Study:
         return ["--images", str(self.mstar_root), "--images-list", str(self.mstar_lists()["val"])]
 
     def mstar_pretrain_overrides(self, name: str) -> list[str]:
-        """The MSTAR source's chips (the split's train part, or ``--mstar-train``) and, for the mixture
-        methods, ``--mstar-weight``."""
+        """The MSTAR source's chips (the split's train part, or every chip of ``--mstar-train``: the configs'
+        split CSV does not apply to it) and, for the mixture methods, ``--mstar-weight``."""
         key = f"data.sources.{MSTAR_SOURCE}"
         mixed = self.args.mstar_weight is not None and name in MIXTURE
         weight = [f"{key}.weight={self.args.mstar_weight}"] if mixed else []
         if self.args.mstar_train:
-            return [f"{key}.root={Path(self.args.mstar_train).resolve()}", *weight]
+            return [f"{key}.root={Path(self.args.mstar_train).resolve()}", f"{key}.split=null",
+                    f"{key}.split_csv=null", *weight]
         lists = self.mstar_lists()
         return [f"{key}.split=train", f"{key}.split_csv={lists['csv'].resolve()}", *weight]
 

@@ -23,6 +23,7 @@ from codemae.data.write_synthetic import TASKS, write_synthetic
 from codemae.eval.damage import (LOC_CLASSES, DamageProtocol, SiameseDamage, balanced_weights, damage_loss,
                                  damage_map, damage_scores, fresh_model, predict_scene, train_damage)
 from codemae.eval.damage_data import DamageCrops, DamageScenes
+from codemae.eval.features import method_to_evaluate
 from codemae.methods import build_method
 
 from conftest import tiny_config
@@ -176,13 +177,12 @@ def test_siamese_embeds_pre_as_optical_and_post_as_sar(tmp_path):
     assert torch.equal(seen["opt"][0], pre) and torch.equal(seen["sar"][0], post)
 
 
-def test_each_seed_initialises_its_own_decoder_even_when_loading_reseeds(tmp_path):
-    def load():  # like method_to_evaluate(random_config=...): seeds torch, then builds
-        torch.manual_seed(0)
-        return build_method(tiny_config(tmp_path))
-
-    weights = [fresh_model(load, seed).fuse[0][0].weight for seed in (0, 1, 1)]
-    assert not torch.equal(weights[0], weights[1]) and torch.equal(weights[1], weights[2])
+def test_each_seed_initialises_its_own_encoder_and_decoder_even_when_loading_reseeds(tmp_path):
+    config = write_config(tmp_path)
+    models = [fresh_model(lambda s: method_to_evaluate(None, str(config), s), seed) for seed in (0, 1, 1)]
+    for weights in ([m.fuse[0][0].weight for m in models],
+                    [torch.cat([p.flatten() for p in m.method.encoder.parameters()]) for m in models]):
+        assert not torch.equal(weights[0], weights[1]) and torch.equal(weights[1], weights[2])
 
 
 def test_scene_prediction_stitches_windows_like_a_manual_loop(tmp_path):

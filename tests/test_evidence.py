@@ -97,28 +97,35 @@ def test_finetune_cnn_runs_the_protocol_and_refuses_an_encoder_beside_it(tmp_pat
     assert err.value.code == 2 and "not allowed with" in capsys.readouterr().err
 
 
-def test_finetune_initialises_each_seed_from_that_seed_alone(tmp_path, monkeypatch):
-    """A seed's CNN and head start from the same weights whether it runs alone (--first-seed, as
-    `codemae merge` assumes), after another seed, or after other draws from the global generator."""
+@pytest.mark.parametrize("model", ["cnn", "random"])
+def test_finetune_initialises_each_seed_from_that_seed_alone(tmp_path, monkeypatch, model):
+    """A seed's model (the CNN, or the encoder from scratch) and head start from the same weights whether it
+    runs alone (--first-seed, as `codemae merge` assumes), after another seed, or after other draws from the
+    global generator; and each seed from its own weights, the encoder's included."""
     import torch
 
     import codemae.eval.finetune as finetune
     from codemae.cli import main
 
+    from conftest import write_config
+
     data, starts = write_classes(tmp_path / "data"), []
     train = finetune.finetune_once
 
     def recording(model, *args):
-        starts.append(torch.cat([p.detach().flatten() for p in model.parameters()]).clone())
+        starts.append((torch.cat([p.detach().flatten() for p in model.parameters()]),
+                       torch.cat([p.detach().flatten() for p in model.method.encoder.parameters()])))
         return train(model, *args)
 
     monkeypatch.setattr(finetune, "finetune_once", recording)
-    common = ["finetune", "--cnn", "32", "--data", str(data), "--modality", "sar", "--shots", "2", "--epochs", "1"]
+    encoder = ["--cnn", "32"] if model == "cnn" else ["--random", str(write_config(tmp_path / "tiny.yaml"))]
+    common = ["finetune", *encoder, "--data", str(data), "--modality", "sar", "--shots", "2", "--epochs", "1"]
     assert main(common + ["--seeds", "2"]) == 0
     torch.rand(7)  # another history of the global generator
     assert main(common + ["--seeds", "1", "--first-seed", "1"]) == 0
     first, second, alone = starts
-    assert torch.equal(second, alone) and not torch.equal(first, second)
+    assert torch.equal(second[0], alone[0])
+    assert not torch.equal(first[1], second[1])  # the model's own weights differ, not only the head's
 
 
 # --- benchmarks/evidence.py ---------------------------------------------------------------------------
@@ -236,6 +243,25 @@ def test_equal_epochs_skip_the_timing_run_and_the_budget_still_caps(evidence, tm
     assert {"train.epochs=3", "train.warmup_epochs=0.3", "train.max_minutes=12.0",
             f"data.sources.1.root={Path('given/train').resolve()}"} <= set(argv)
     assert argv[:3] == ["pretrain", "--config", "configs/pretrain/evidence_codemae.yaml"]
+
+
+def test_a_given_mstar_train_folder_is_pretrained_on_whole(evidence, tmp_path):
+    """--mstar-train replaces the fixed split: the MSTAR source of every method lists each chip of the given
+    folder, and the configs' split CSV (written only by the default split) is not asked for."""
+    from codemae.data.sources import build_source
+
+    given = write_classes(tmp_path / "given", per_class=3)
+    args = evidence.parse_args(["--out", str(tmp_path / "out"), "--mstar-weight", "2",
+                                "--mstar-train", str(given), "--mstar-test", str(given)])
+    study = evidence.Study(args, tmp_path / "out")
+    for name, (config_file, _) in evidence.METHODS.items():
+        config = load_config(REPO / "configs/pretrain" / config_file, study.mstar_pretrain_overrides(name))
+        mstar = next((source for source in config.data.sources if source.name == "mstar"), None)
+        if mstar is None:
+            assert name == "fusmae"  # it fuses pairs: its data.kinds drop MSTAR
+            continue
+        assert len(build_source(mstar, {"opt": 3, "sar": 1})) == 6, name
+        assert mstar.weight == (2.0 if name in evidence.MIXTURE else 1.0)
 
 
 def test_mstar_weight_reaches_every_pretraining_and_must_be_positive(evidence, tmp_path, monkeypatch):

@@ -230,13 +230,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         protocol = dataclasses.replace(protocol, epochs=args.epochs)
     if args.layer_decay is not None:
         protocol = dataclasses.replace(protocol, layer_decay=args.layer_decay)
-    load = lambda: method_to_evaluate(  # noqa: E731
-        args.checkpoint, args.random, drop_path=protocol.drop_path).to(device)
+    load = lambda seed: method_to_evaluate(  # noqa: E731
+        args.checkpoint, args.random, seed, protocol.drop_path).to(device)
     if args.cnn:
         from codemae.eval.cnn import CNNMethod
 
-        load = lambda: CNNMethod(args.cnn, {"opt": 3, "sar": 1}).to(device)  # noqa: E731
-    data, split = labelled_split(args, load().encoder.channels)
+        load = lambda seed: CNNMethod(args.cnn, {"opt": 3, "sar": 1}).to(device)  # noqa: E731
+    data, split = labelled_split(args, load(0).encoder.channels)
     shots = training_shots(args, split)
     result = run_finetune(load, data, split, args.modality, shots, args.kshot, seeds_of(args), protocol)
     drawn = f"{shots}-shot ({args.kshot})" if shots > 0 else "whole training set"
@@ -299,8 +299,8 @@ def cmd_damage(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     protocol = DamageProtocol(epochs=args.epochs, batch_size=args.batch_size, crops_per_scene=args.crops_per_scene,
                               lr=args.lr)
-    load = lambda: method_to_evaluate(  # noqa: E731
-        args.checkpoint, args.random, drop_path=protocol.drop_path).to(device)
+    load = lambda seed: method_to_evaluate(  # noqa: E731
+        args.checkpoint, args.random, seed, protocol.drop_path).to(device)
     result = run_damage(load, args.data, protocol, seeds_of(args), args.img_size)
     scenes = result["scenes"]
     title = (f"damage assessment (optical pre, SAR post), {protocol.epochs} epochs, window {result['window']}, "

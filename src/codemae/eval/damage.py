@@ -187,19 +187,19 @@ def train_damage(model: SiameseDamage, crops: DamageCrops, protocol: DamageProto
     return history
 
 
-def fresh_model(load: Callable[[], PretrainMethod], seed: int) -> SiameseDamage:
-    """The encoder from ``load()`` and a decoder initialised from ``seed`` (seeded after the load, which
-    may seed torch itself: a random encoder is the same initialisation for every seed)."""
-    method = load()
+def fresh_model(load: Callable[[int], PretrainMethod], seed: int) -> SiameseDamage:
+    """The encoder from ``load(seed)`` (a random one initialised from the seed) and a decoder initialised
+    from ``seed`` (seeded after the load, which may seed torch itself)."""
+    method = load(seed)
     torch.manual_seed(seed)
     return SiameseDamage(method)
 
 
-def run_damage(load: Callable[[], PretrainMethod], root: str, protocol: DamageProtocol, seeds: list[int],
+def run_damage(load: Callable[[int], PretrainMethod], root: str, protocol: DamageProtocol, seeds: list[int],
                window: int | None = None) -> dict:
-    """Per seed: a fresh encoder from ``load()``, fine-tuned on the train list, scored on val and test
+    """Per seed: a fresh encoder from ``load(seed)``, fine-tuned on the train list, scored on val and test
     after the last epoch (nothing is chosen on either)."""
-    encoder = load().encoder
+    encoder = load(seeds[0]).encoder
     size = window or encoder.img_size
     if size % encoder.patch_size:
         raise ConfigError(f"--img-size {size}: not a multiple of the encoder's patch size {encoder.patch_size}")

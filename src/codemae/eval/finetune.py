@@ -257,9 +257,10 @@ def unit_norms(data: LabelledSet, modalities: tuple[str, ...]) -> dict[str, Norm
     return {m: Normalisation([0.0] * channels[m].shape[2], [1.0] * channels[m].shape[2]) for m in modalities}
 
 
-def run_finetune(load: Callable[[], PretrainMethod], data: LabelledSet, split: Split, modality: str, shots: int,
+def run_finetune(load: Callable[[int], PretrainMethod], data: LabelledSet, split: Split, modality: str, shots: int,
                  mode: str, seeds: list[int], protocol: FinetuneProtocol) -> dict:
-    """``load()`` returns a fresh pretrained method (with the protocol's drop path) for every seed."""
+    """``load(seed)`` returns a fresh method (with the protocol's drop path) for every seed: the pretrained one,
+    or one initialised from that seed (an encoder from scratch: each seed its own initialisation)."""
     if data.multilabel != protocol.multilabel:
         raise ConfigError("multi-label data needs --protocol multilabel" if data.multilabel else
                           "--protocol multilabel needs multi-label data (--labels with ';', --masks, or "
@@ -268,7 +269,7 @@ def run_finetune(load: Callable[[], PretrainMethod], data: LabelledSet, split: S
     if protocol.augment and len(mods) > 1:
         raise ConfigError("--protocol optical-scene augments one modality (the published RGB recipe); "
                           "use --modality opt or sar")
-    size = input_size(load())
+    size = input_size(load(seeds[0]))
     images = WithLabels(EvalImages(data, mods, size, unit_norms(data, mods), protocol.centre_crop), data.labels)
     cached = [images[i] for i in range(len(images))]  # decode once, reuse for every seed
     recipe = Recipe(protocol, eval_norms(data, mods, split.train), size, len(data.classes))
@@ -283,7 +284,7 @@ def run_finetune(load: Callable[[], PretrainMethod], data: LabelledSet, split: S
         train = DataLoader(Subset(cached, train_idx.tolist()), batch_size=batch, shuffle=True, drop_last=True,
                            generator=torch.Generator().manual_seed(seed))
         torch.manual_seed(seed)  # the model's and head's initialisation: a seed's own, whatever ran before
-        method = load()
+        method = load(seed)
         model = Classifier(method, mods, len(data.classes), protocol.bn_head).to(module_device(method))
         start = time.perf_counter()
         evaluations = finetune_once(model, train, val, test, recipe, seed)
