@@ -22,6 +22,7 @@ import torch
 import yaml
 from PIL import Image
 
+from codemae.checkpoint import load_checkpoint, save_atomic
 from codemae.cli import main
 from codemae.config import load_config, to_dict
 from codemae.data.readers import read_image
@@ -317,6 +318,25 @@ def test_a_swapped_shard_of_the_same_size_is_detected(tmp_path):
     second.write_bytes(a)
     with pytest.raises(DataError, match="SHA-256 differs"):
         epoch_ids(stream_of(stream_cfg(tmp_path, shards)))
+
+
+def test_a_ctrl_c_during_a_checkpoint_write_stops_the_run_after_it(tmp_path, monkeypatch):
+    """Raised inside torch.save, a Ctrl-C ended in torch's 'unexpected pos' error and a traceback; now
+    the write completes, and the run stops with the one-line message and that checkpoint intact."""
+    from codemae.errors import Interrupted
+    from codemae.train import engine
+
+    def interrupted_save(payload, path):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs here, in the middle of the write
+        save_atomic(payload, path)
+
+    monkeypatch.setattr(engine, "save_atomic", interrupted_save)
+    monkeypatch.setattr(engine.signal, "getsignal", lambda signum: signal.default_int_handler)
+    cfg = tiny_config(tmp_path / "run", train={"epochs": 50, "ckpt_every": 2})
+    with pytest.raises(Interrupted, match="interrupted at step 2; the last checkpoint .* \\(step 2\\) is intact"):
+        engine.pretrain(cfg)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
 
 
 def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(tmp_path, monkeypatch):

@@ -286,16 +286,24 @@ class Trainer:
         return int(state["step"])
 
     def checkpoint(self) -> None:
-        if self.info.is_main:
-            save_atomic({
-                "model": self.method.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "step": self.step,
-                "config": to_dict(self.cfg),
-                "version": __version__,
-                "layout": LAYOUT,
-            }, self.run_dir / CHECKPOINT)
-        self.saved_step = self.step
+        """Save the run; a Ctrl-C noted while the file is written stops the run once it is complete (raised
+        inside torch.save, it would end in torch's own error instead of the one-line message)."""
+        self.saving = True
+        try:
+            if self.info.is_main:
+                save_atomic({
+                    "model": self.method.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "step": self.step,
+                    "config": to_dict(self.cfg),
+                    "version": __version__,
+                    "layout": LAYOUT,
+                }, self.run_dir / CHECKPOINT)
+            self.saved_step = self.step
+        finally:
+            self.saving = False
+        if self.interrupt_requested:
+            raise KeyboardInterrupt
 
     def fit(self) -> dict:
         tc = self.cfg.train
@@ -324,8 +332,9 @@ class Trainer:
     def sigint_noted(self) -> Iterator[None]:
         """Ctrl-C raises KeyboardInterrupt as usual and is also noted, so that one landing where Python
         swallows exceptions (a finaliser run by garbage collection) still stops the run after the step.
-        Only in the main thread, and only where SIGINT has Python's default handler."""
-        self.interrupt_requested = False
+        Only in the main thread, and only where SIGINT has Python's default handler. While a checkpoint is
+        written it is only noted (:meth:`checkpoint` raises it after the write)."""
+        self.interrupt_requested = self.saving = False
         if threading.current_thread() is not threading.main_thread() or \
                 signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
             yield
@@ -333,7 +342,8 @@ class Trainer:
 
         def note(signum, frame):
             self.interrupt_requested = True
-            raise KeyboardInterrupt
+            if not self.saving:
+                raise KeyboardInterrupt
 
         signal.signal(signal.SIGINT, note)
         try:
