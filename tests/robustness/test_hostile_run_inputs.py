@@ -328,7 +328,7 @@ def test_a_ctrl_c_during_a_checkpoint_write_stops_the_run_after_it(tmp_path, mon
 
     def interrupted_save(payload, path):
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)  # the handler runs here, in the middle of the write
+        time.sleep(0.05)  # the handler runs here, inside the trainer's checkpoint write
         save_atomic(payload, path)
 
     monkeypatch.setattr(engine, "save_atomic", interrupted_save)
